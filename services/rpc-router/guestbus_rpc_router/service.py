@@ -1,0 +1,339 @@
+"""rpc-router: answers guest RPCs on ``gb.rpc.<method>`` and keeps the VM registry.
+
+Stateless: every replica joins the ``rpc-router`` queue group and all state is in the
+``gb_vms`` KV bucket, changed by compare-and-set. The VM a request is about is the one the
+link terminator stamped in the ``GB-VM`` header, never one the guest names in its payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from nats.micro.request import Request
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, Field, ValidationError
+
+from guestbus.contract import (
+    EVT_LINK,
+    EVT_VM,
+    HEADER_HOST,
+    HEADER_LINK,
+    HEADER_VM,
+    HEADER_VM_NAME,
+    KV_VMS,
+    RPC_HEARTBEAT,
+    RPC_HELLO,
+    RPC_QUEUE,
+    RPC_REPORT,
+    GuestInfo,
+    Heartbeat,
+    HeartbeatAck,
+    Hello,
+    HelloAck,
+    LinkEvent,
+    LinkKind,
+    LinkState,
+    ReportAck,
+    VmEvent,
+    VmRecord,
+    evt_subject,
+    rpc_subject,
+)
+from guestbus.registry import Registry
+from guestbus.runtime import BusError, BusService, ServiceContext, ServiceSettings
+from guestbus.wire import PROTOCOL_VERSION, errors
+
+from . import __version__
+
+
+class RouterSettings(ServiceSettings):
+    heartbeat_interval: float = Field(
+        default=5.0, gt=0, le=3600, description="Heartbeat interval suggested to agents (s)."
+    )
+    down_grace: float = Field(
+        default=30.0, gt=0, description="A VM without heartbeat for this long is marked down (s)."
+    )
+    sweep_interval: float = Field(default=5.0, gt=0, description="How often to look (s).")
+
+
+class Stamp(BaseModel):
+    """Who a guest RPC is from, as the link terminator says."""
+
+    vm: str
+    link: LinkKind
+    host: str
+    name: str | None = None
+
+
+def stamp_of(request: Request) -> Stamp:
+    headers = request.headers or {}
+    vm = headers.get(HEADER_VM)
+    link = headers.get(HEADER_LINK)
+    host = headers.get(HEADER_HOST)
+    if not vm or not link or not host:
+        raise BusError(
+            errors.BAD_REQUEST,
+            f"guest RPCs must carry the {HEADER_VM}, {HEADER_LINK} and {HEADER_HOST} headers "
+            "set by a link terminator (serial-bridge or TLS gateway)",
+        )
+    try:
+        return Stamp(
+            vm=vm.lower(), link=LinkKind(link), host=host, name=headers.get(HEADER_VM_NAME)
+        )
+    except ValueError:
+        raise BusError(errors.BAD_REQUEST, f"bad link stamp: {HEADER_LINK}={link!r}") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: bytes) -> M:
+    try:
+        return model.model_validate_json(data or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise BusError(
+            errors.BAD_REQUEST,
+            f"invalid {model.__name__.lower()}: {where}: {first['msg']}",
+            details={"errors": len(exc.errors())},
+        ) from None
+
+
+class RpcRouter(BusService):
+    name = "rpc-router"
+    version = __version__
+    description = "Guest-initiated RPCs (hello, heartbeat, report) and the VM registry."
+    settings_cls = RouterSettings
+
+    async def setup(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings_as(RouterSettings)
+        self.registry = Registry(await ctx.js.key_value(KV_VMS))
+        self.refused = Counter(
+            "guestbus_identity_refusals_total",
+            "Guest payloads refused because they claimed another VM than the stamped one.",
+            ["method"],
+            registry=ctx.registry,
+        )
+        self.guest_rpcs = Counter(
+            "guestbus_guest_rpcs_total",
+            "Guest-initiated RPCs handled, by method and link kind.",
+            ["method", "link"],
+            registry=ctx.registry,
+        )
+        self.marked_down = Counter(
+            "guestbus_vms_marked_down_total",
+            "VMs marked down after their heartbeats stopped for the grace period.",
+            registry=ctx.registry,
+        )
+        self.vms_by_link = Gauge(
+            "guestbus_vms",
+            "VMs in the registry by link kind (as last seen by this router's sweep).",
+            ["link"],
+            registry=ctx.registry,
+        )
+        await ctx.add_endpoint(
+            RPC_HELLO,
+            self.hello,
+            subject=rpc_subject(RPC_HELLO),
+            description="First RPC on every link: registers the VM, returns the stamped identity.",
+            queue_group=RPC_QUEUE,
+            concurrency=64,
+        )
+        await ctx.add_endpoint(
+            RPC_HEARTBEAT,
+            self.heartbeat,
+            subject=rpc_subject(RPC_HEARTBEAT),
+            description="Periodic liveness; refreshes the VM's last heartbeat.",
+            queue_group=RPC_QUEUE,
+            concurrency=64,
+        )
+        await ctx.add_endpoint(
+            RPC_REPORT,
+            self.report,
+            subject=rpc_subject(RPC_REPORT),
+            description="Guest info report (hostname, OS, kernel, interfaces).",
+            queue_group=RPC_QUEUE,
+            concurrency=64,
+        )
+        await ctx.subscribe(f"gb.evt.{EVT_LINK}.*", self.on_link_event, queue=RPC_QUEUE)
+        ctx.spawn(self.sweep_forever(), name="registry-sweep")
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def _refuse_claim(self, method: str, stamp: Stamp, claimed: str | None) -> None:
+        if claimed is not None and claimed.lower() != stamp.vm:
+            self.refused.labels(method).inc()
+            self.ctx.log.warning(
+                "refused %s: payload claims VM %s but the link is VM %s",
+                method,
+                claimed,
+                stamp.vm,
+                extra={"vm": stamp.vm, "claimed": claimed, "host": stamp.host},
+            )
+            self.ctx.spawn(
+                self._publish(
+                    evt_subject(EVT_VM, stamp.vm),
+                    VmEvent(
+                        vm=stamp.vm, kind="identity_refused", detail=f"{method} claimed {claimed}"
+                    ),
+                )
+            )
+            raise BusError(
+                errors.IDENTITY_MISMATCH,
+                f"this link belongs to VM {stamp.vm}; the payload claims {claimed}",
+                status=403,
+            )
+
+    async def hello(self, request: Request) -> bytes:
+        stamp = stamp_of(request)
+        hello = parse(Hello, request.data)
+        now = datetime.now(UTC)
+
+        def update(rec: VmRecord) -> VmRecord:
+            return rec.model_copy(
+                update={
+                    "name": stamp.name or rec.name,
+                    "agent_version": hello.agent_version,
+                    "protocol": hello.protocol,
+                    "link": stamp.link,
+                    "host": stamp.host,
+                    "last_hello": now,
+                    "last_heartbeat": now,
+                    "capabilities": list(hello.capabilities),
+                    "config_uuid": hello.config_uuid,
+                    "hostname": hello.hostname or rec.hostname,
+                }
+            )
+
+        await self.registry.change(stamp.vm, update)
+        self.guest_rpcs.labels(RPC_HELLO, stamp.link.value).inc()
+        matches = hello.vm is None or hello.vm == stamp.vm
+        if not matches:
+            self.ctx.log.info(
+                "hello from VM %s whose config names %s (a clone?)",
+                stamp.vm,
+                hello.vm,
+                extra={"vm": stamp.vm, "claimed": hello.vm},
+            )
+        ack = HelloAck(
+            vm=stamp.vm,
+            link=stamp.link,
+            host=stamp.host,
+            protocol=PROTOCOL_VERSION,
+            identity_matches=matches,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            server_time=now,
+        )
+        return ack.model_dump_json().encode()
+
+    async def heartbeat(self, request: Request) -> bytes:
+        stamp = stamp_of(request)
+        beat = parse(Heartbeat, request.data)
+        self._refuse_claim(RPC_HEARTBEAT, stamp, beat.vm)
+        now = datetime.now(UTC)
+
+        def update(rec: VmRecord) -> VmRecord:
+            changes: dict[str, object] = {
+                "last_heartbeat": now,
+                "link": stamp.link,
+                "host": stamp.host,
+            }
+            if beat.config_uuid:
+                changes["config_uuid"] = beat.config_uuid
+            if stamp.name:
+                changes["name"] = stamp.name
+            return rec.model_copy(update=changes)
+
+        await self.registry.change(stamp.vm, update)
+        self.guest_rpcs.labels(RPC_HEARTBEAT, stamp.link.value).inc()
+        return HeartbeatAck(seq=beat.seq, server_time=now).model_dump_json().encode()
+
+    async def report(self, request: Request) -> bytes:
+        stamp = stamp_of(request)
+        info = parse(GuestInfo, request.data)
+        self._refuse_claim(RPC_REPORT, stamp, info.vm)
+
+        def update(rec: VmRecord) -> VmRecord:
+            return rec.model_copy(
+                update={
+                    "hostname": info.hostname,
+                    "os": info.os,
+                    "kernel": info.kernel,
+                    "agent_version": info.agent_version,
+                }
+            )
+
+        await self.registry.change(stamp.vm, update)
+        self.guest_rpcs.labels(RPC_REPORT, stamp.link.value).inc()
+        return ReportAck(accepted=True).model_dump_json().encode()
+
+    # --- link state ------------------------------------------------------------------------
+
+    async def on_link_event(self, msg: object) -> None:
+        data = getattr(msg, "data", b"")
+        try:
+            event = LinkEvent.model_validate_json(data)
+        except ValidationError:
+            return
+        if event.state is not LinkState.DOWN:
+            return
+
+        def update(rec: VmRecord) -> VmRecord | None:
+            # Only the terminator that holds the link may take it down (a VM that moved
+            # to another host keeps its new link).
+            if rec.link is LinkKind.DOWN or rec.host != event.host or rec.link != event.link:
+                return None
+            return rec.model_copy(update={"link": LinkKind.DOWN})
+
+        await self.registry.change(event.vm, update)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                await self.sweep()
+            except Exception:  # a bus hiccup must not end the sweeping
+                self.ctx.log.exception("registry sweep failed")
+
+    async def sweep(self) -> int:
+        """Mark VMs down whose heartbeats stopped; returns how many this replica marked."""
+        records = await self.registry.all()
+        counts = {kind.value: 0 for kind in LinkKind}
+        for rec in records:
+            counts[rec.link.value] += 1
+        for kind, n in counts.items():
+            self.vms_by_link.labels(kind).set(n)
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.down_grace)
+        marked = 0
+        for rec in records:
+            if rec.link is LinkKind.DOWN or (rec.last_heartbeat and rec.last_heartbeat > cutoff):
+                continue
+            changed = await self.registry.change(rec.uuid, lambda r: self._down_if_stale(r, cutoff))
+            if changed is not None and changed.link is LinkKind.DOWN and changed != rec:
+                marked += 1
+                self.marked_down.inc()
+                silent = time.time() - (rec.last_heartbeat.timestamp() if rec.last_heartbeat else 0)
+                await self._publish(
+                    evt_subject(EVT_VM, rec.uuid),
+                    VmEvent(
+                        vm=rec.uuid,
+                        kind="down",
+                        detail=f"no heartbeat for {silent:.0f}s (grace "
+                        f"{self.settings.down_grace:.0f}s) via {rec.host}",
+                    ),
+                )
+        return marked
+
+    @staticmethod
+    def _down_if_stale(rec: VmRecord, cutoff: datetime) -> VmRecord | None:
+        if rec.link is LinkKind.DOWN or (rec.last_heartbeat and rec.last_heartbeat > cutoff):
+            return None
+        return rec.model_copy(update={"link": LinkKind.DOWN})
+
+    async def _publish(self, subject: str, event: BaseModel) -> None:
+        await self.ctx.nc.publish(subject, event.model_dump_json().encode())

@@ -1,0 +1,56 @@
+"""serial-bridge settings (environment variables, prefix ``GUESTBUS_``)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from guestbus.runtime import ServiceSettings
+from guestbus.wire import MAX_FRAME
+
+from .discovery import DEFAULT_PATTERN, compile_pattern
+
+
+class BridgeSettings(ServiceSettings):
+    socket_pattern: str = Field(
+        default=DEFAULT_PATTERN,
+        description="Path pattern of VM serial sockets; {uuid} marks the VM uuid. Empty: off.",
+    )
+    libvirt_xml_dirs: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/run/libvirt/qemu"],
+        description="Comma-separated directories of libvirt domain XML (live or persistent).",
+    )
+    serial_port_index: int = Field(
+        default=1, ge=0, le=3, description="<target port> of the guest UART to use (0-3)."
+    )
+    scan_interval: float = Field(default=2.0, gt=0, description="Seconds between discovery scans.")
+    bridge_host: str = Field(
+        default_factory=socket.gethostname, description="Host name stamped on links (GB-Host)."
+    )
+    command_timeout: float = Field(
+        default=10.0, gt=0, description="Default deadline of host → guest commands (s)."
+    )
+    rpc_timeout: float = Field(default=5.0, gt=0, description="Deadline of guest RPCs (s).")
+    max_frame: int = Field(default=MAX_FRAME, ge=1024, le=16 * 1024 * 1024)
+    rate_limit: float = Field(default=50.0, gt=0, description="Guest frames/s allowed per VM.")
+    rate_burst: int = Field(default=200, ge=1, description="Burst of guest frames per VM.")
+    write_limit: int = Field(
+        default=1 << 20, ge=4096, description="Bytes buffered towards one VM before refusing."
+    )
+
+    @field_validator("libvirt_xml_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [d.strip() for d in value.split(",") if d.strip()]
+        return value
+
+    @field_validator("socket_pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        if value:
+            compile_pattern(value)
+        return value

@@ -1,0 +1,1 @@
+"""Tests of the service runtime, the embedded broker, provisioning and ``guestbus up``."""
