@@ -1,6 +1,6 @@
 import re
 import zlib
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -26,7 +26,7 @@ PONG = {"kind": "res", "id": "a1f3-1", "result": {"pong": True}}
 CONSOLE = b"[   12.345678] EXT4-fs (vda1): mounted filesystem\r\n"
 
 
-def reasons(items: list) -> list:
+def reasons(items: list[Any]) -> list[str]:
     return [i.reason if isinstance(i, FrameDropped) else "msg" for i in items]
 
 
@@ -54,7 +54,7 @@ def test_encode_refuses_non_json() -> None:
         encode_frame({"x": object()})
 
 
-def _sized(size: int) -> dict:
+def _sized(size: int) -> dict[str, Any]:
     """An event whose frame is exactly ``size`` bytes."""
     base = len(encode_frame({"kind": "evt", "method": "x", "params": {"p": ""}}))
     return {"kind": "evt", "method": "x", "params": {"p": "a" * (size - base)}}

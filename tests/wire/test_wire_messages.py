@@ -6,6 +6,7 @@ from guestbus.wire.messages import (
     MAX_DEADLINE_MS,
     ErrorMsg,
     EventMsg,
+    Message,
     MessageError,
     RequestMsg,
     ResponseMsg,
@@ -36,7 +37,7 @@ def test_invalid_methods(value: object) -> None:
 
 
 def test_parse_each_kind_and_back() -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], Message]] = [
         (
             {"kind": "req", "id": "r1", "method": "ping", "params": {"a": 1}, "deadline_ms": 50},
             RequestMsg("r1", "ping", {"a": 1}, 50),

@@ -341,7 +341,7 @@ def test_dedup_same_id_runs_once_and_replays_identical_bytes() -> None:
     answer = host.send_response(rid, {"frozen": 2})
     assert host.receive_data(data) == [DuplicateRequest(rid, True)]
     assert host.data_to_send() == answer
-    assert host.stats.duplicates == 1
+    assert host.stats.duplicates == 1 and host.stats.auto_replies == 1
     with pytest.raises(LocalProtocolError):
         host.send_response(rid, {"frozen": 3})  # answering twice is a bug
 
@@ -434,7 +434,7 @@ def test_malformed_request_with_readable_id_gets_bad_request() -> None:
 
 def test_malformed_messages_are_dropped_silently() -> None:
     _, host, _ = ready_pair()
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"kind": "req", "id": "not valid", "method": "ping", "params": {}, "deadline_ms": 10},
         {"kind": "what"},
         {"kind": "res", "id": "x", "result": "no"},

@@ -32,7 +32,14 @@ from nats.errors import BadSubscriptionError
 from nats.js import JetStreamContext
 from nats.micro.request import Request
 from nats.micro.service import NAME_REGEX, SEMVER_REGEX, Endpoint, Service
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from guestbus.runtime.errors import INTERNAL, BusError
 from guestbus.runtime.http import ProbeServer
@@ -448,7 +455,11 @@ class ServiceHost:
         type(service).check_declaration()
         self.service = service
         self.settings = settings
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
         self.log = logging.getLogger(f"guestbus.{service.name}")
         self.nc: Client | None = None
         self.ctx: ServiceContext | None = None

@@ -10,6 +10,8 @@ Rules of this file (after h11's ``_state.py``):
 * State changes only through ``TRANSITIONS``, one table keyed by (state, trigger). A pair
   missing from the table is a LocalProtocolError: local misuse. Triggers the peer can cause
   are in the table for every open state, so nothing the peer sends can raise.
+* A send_* call either raises before changing anything, or changes state and returns the
+  bytes, which the caller must then write.
 * Sans-IO: bytes in, events out. Nothing reads a socket, sleeps or starts a thread; time
   comes only from the injected clock, and the owner calls tick() at next_deadline().
 """
@@ -377,11 +379,11 @@ class Session:
             data = self._encode(ErrorMsg(request_id, code, message, details))
         except FrameTooLarge:  # cannot happen above MIN_SESSION_FRAME; keep the code anyway
             data = self._encode(ErrorMsg(request_id, code, ""))
-        self._stats.auto_replies += 1
         self._queue(data)
 
     def _queue(self, data: bytes) -> None:
         self._outbox += data
+        self._stats.auto_replies += 1
         self._count_out(data)
 
     # --- de-duplication memory -----------------------------------------------------------

@@ -1,0 +1,230 @@
+"""Lab VMs with real agents: the demo, the tests and the benchmarks run this.
+
+Agents run either as asyncio tasks in this process (``agents="tasks"``; thousands fit, on
+socket pairs) or as separate ``guestbus-agent`` processes on the VMs' pty devices
+(``agents="processes"``), exactly as the agent runs in a guest.
+
+CLI: ``python -m guestbus.lab.fleet --dir DIR --vms N [--mode pty|socketpair]
+[--agents tasks|processes] [--heartbeat S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from guestbus.lab.hypervisor import LabHypervisor, LabMode, LabVM
+from guestbus_agent.config import AgentConfig
+from guestbus_agent.link import SerialLink, serial_opener
+
+log = logging.getLogger("guestbus.lab.fleet")
+
+AgentMode = Literal["tasks", "processes"]
+
+
+def agent_config(vm: LabVM, heartbeat: float, device: str | None = None) -> AgentConfig:
+    return AgentConfig(
+        vm_uuid=vm.uuid,
+        config_uuid=str(uuidlib.uuid4()),
+        gateway_host="127.0.0.1",
+        serial_device=device or vm.device_path or "/dev/null",
+        heartbeat_interval=heartbeat,
+        request_timeout=max(1.0, min(5.0, heartbeat)),
+        source=f"lab:{vm.uuid}",
+    )
+
+
+@dataclass
+class LabAgent:
+    vm: LabVM
+    config: AgentConfig
+    link: SerialLink | None = None
+    task: asyncio.Task[None] | None = None
+    process: asyncio.subprocess.Process | None = None
+    config_path: Path | None = None
+    restarts: int = field(default=0)
+
+
+class LabFleet:
+    """A lab hypervisor plus one agent per VM."""
+
+    def __init__(
+        self,
+        socket_dir: Path,
+        *,
+        mode: LabMode = "pty",
+        agents: AgentMode = "tasks",
+        heartbeat: float = 5.0,
+        use_pyserial: bool = True,
+        config_overrides: dict[str, object] | None = None,
+    ) -> None:
+        if agents == "processes" and mode != "pty":
+            raise ValueError("separate agent processes need pty mode (they open a device)")
+        self.hypervisor = LabHypervisor(socket_dir, mode=mode)
+        self.mode = mode
+        self.agents_mode = agents
+        self.heartbeat = heartbeat
+        self.use_pyserial = use_pyserial and mode == "pty"
+        self.config_overrides = dict(config_overrides or {})
+        self.agents: dict[str, LabAgent] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="guestbus-lab-")
+        self.hypervisor.on_vm_removed.append(self._on_removed)
+
+    async def __aenter__(self) -> LabFleet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _config(self, vm: LabVM) -> AgentConfig:
+        cfg = agent_config(vm, self.heartbeat)
+        if self.config_overrides:
+            data = cfg.to_json()
+            data.update(self.config_overrides)
+            from guestbus_agent.config import parse_config
+
+            cfg = parse_config(data, cfg.source)
+        return cfg
+
+    async def add_vm(self, uuid: str | None = None, *, agent: bool = True) -> LabVM:
+        vm = await self.hypervisor.add_vm(uuid)
+        if agent:
+            await self.start_agent(vm)
+        return vm
+
+    async def add_vms(self, n: int) -> list[LabVM]:
+        return [await self.add_vm() for _ in range(n)]
+
+    async def start_agent(self, vm: LabVM, config: AgentConfig | None = None) -> LabAgent:
+        cfg = config or self._config(vm)
+        agent = LabAgent(vm=vm, config=cfg)
+        self.agents[vm.uuid] = agent
+        if self.agents_mode == "processes":
+            agent.config_path = Path(self._tmp.name) / f"{vm.uuid}.json"
+            data = cfg.to_json()
+            data.pop("serial_device")
+            agent.config_path.write_text(json.dumps(data))
+            agent.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "guestbus_agent.main",
+                "--config",
+                str(agent.config_path),
+                "--device",
+                str(vm.device_path),
+                "--log-level",
+                "WARNING",
+            )
+            return agent
+
+        if self.use_pyserial:
+
+            async def opener() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                # The device of a restarted VM may be another pty: look it up at each open.
+                if vm.device_path is None:
+                    raise FileNotFoundError("VM has no serial device (stopped)")
+                return await serial_opener(vm.device_path)()
+        else:
+
+            async def opener() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                if not vm.running:
+                    raise FileNotFoundError("VM stopped")
+                return await vm.open_guest()
+
+        agent.link = SerialLink(cfg, opener)
+        agent.task = asyncio.ensure_future(agent.link.run())
+        return agent
+
+    async def stop_agent(self, uuid: str) -> None:
+        agent = self.agents.pop(uuid, None)
+        if agent is None:
+            return
+        if agent.task is not None:
+            agent.task.cancel()
+            await asyncio.gather(agent.task, return_exceptions=True)
+        if agent.process is not None and agent.process.returncode is None:
+            agent.process.terminate()
+            try:
+                await asyncio.wait_for(agent.process.wait(), 5)
+            except TimeoutError:
+                agent.process.kill()
+                await agent.process.wait()
+
+    async def _on_removed(self, vm: LabVM) -> None:
+        await self.stop_agent(vm.uuid)
+
+    def active_count(self) -> int:
+        return sum(1 for a in self.agents.values() if a.link is not None and a.link.status.active)
+
+    async def wait_active(self, n: int | None = None, timeout: float = 30.0) -> None:
+        """Wait until ``n`` (default: all) in-process agents report an active link."""
+        want = len(self.agents) if n is None else n
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.active_count() < want:
+            if loop.time() > end:
+                raise TimeoutError(f"only {self.active_count()}/{want} agent links active")
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for uuid in list(self.agents):
+            await self.stop_agent(uuid)
+        await self.hypervisor.close()
+        self._tmp.cleanup()
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    async with LabFleet(
+        Path(args.dir), mode=args.mode, agents=args.agents, heartbeat=args.heartbeat
+    ) as fleet:
+        vms = await fleet.add_vms(args.vms)
+        print(f"lab: {len(vms)} VMs ({args.mode}, agents as {args.agents}) in {args.dir}")
+        for vm in vms:
+            print(f"  {vm.uuid}  {vm.socket_path}  {vm.device_path or '(socket pair)'}")
+        sys.stdout.flush()
+        await stop.wait()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m guestbus.lab.fleet",
+        description="Lab hypervisor with one guestbus agent per VM (for demos and tests).",
+    )
+    p.add_argument("--dir", required=True, help="directory for the VM serial sockets")
+    p.add_argument("--vms", type=int, default=3, help="number of VMs (default 3)")
+    p.add_argument("--mode", choices=["pty", "socketpair"], default="pty")
+    p.add_argument("--agents", choices=["tasks", "processes"], default="tasks")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s)")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    if args.vms < 0:
+        p.error("--vms must be >= 0")
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
