@@ -21,7 +21,11 @@ URL_RX = r"embedded NATS at (nats://\S+) \(pid (\d+)"
 
 async def test_up_starts_broker_provisions_and_stops_clean(tmp_path: Path) -> None:
     proc = Proc(
-        python("-m", "guestbus.cli.up", "--state-dir", str(tmp_path), "--port", "0"),
+        # the `guestbus` console script is guestbus.cli.main:main
+        python(
+            *("-m", "guestbus.cli.main", "up", "--state-dir", str(tmp_path)),
+            *("--port", "0", "--stop-timeout", "5"),
+        ),
         child_env({}),
     )
     try:

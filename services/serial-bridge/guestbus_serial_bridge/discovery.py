@@ -129,15 +129,3 @@ def scan(pattern: str | None, xml_dirs: list[str], port: int) -> dict[str, VmSoc
             if os.path.exists(vm.path):
                 found[uuid] = vm
     return found
-
-
-def serial_port_xml(path: str, index: int) -> str:
-    """The libvirt ``<serial>`` element that gives a VM a unix-socket serial port (COM1-4)."""
-    if not 0 <= index <= 3:
-        raise ValueError(f"serial port index must be 0-3 (COM1-COM4), got {index}")
-    return (
-        "<serial type='unix'>\n"
-        f"  <source mode='bind' path='{path}'/>\n"
-        f"  <target type='isa-serial' port='{index}'/>\n"
-        "</serial>\n"
-    )

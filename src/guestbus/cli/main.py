@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from guestbus import __version__
 
 # Sub-command modules, each with add_parser(sub) that sets ``func``.
-COMMANDS = ("guestbus.cli.up", "guestbus.cli.schemas")
+COMMANDS = (
+    "guestbus.cli.up",
+    "guestbus.cli.vms",
+    "guestbus.cli.guest",
+    "guestbus.cli.bus",
+    "guestbus.cli.vm",
+    "guestbus.cli.schemas",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

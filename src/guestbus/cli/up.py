@@ -48,14 +48,14 @@ class ServiceEntry:
     http_port: int
     func: str = "main"
     env: Mapping[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
 
 
 SERVICES: list[ServiceEntry] = [
-    # Filled in as services land, e.g.:
-    # ServiceEntry("rpc-router", "guestbus_rpc_router.main", 9101),
-    # ServiceEntry("cert-authority", "guestbus_cert_authority.main", 9102),
-    # ServiceEntry("iso-builder", "guestbus_iso_builder.main", 9103),
-    # ServiceEntry("dr-orchestrator", "guestbus_dr_orchestrator.main", 9104),
+    ServiceEntry("rpc-router", "guestbus_rpc_router.main", 9101),
+    ServiceEntry("serial-bridge", "guestbus_serial_bridge.main", 9100),
+    # Added as they are built (their issues): cert-authority 9102, iso-builder 9103,
+    # dr-orchestrator 9104.
 ]
 """Services started by ``guestbus up``, in order."""
 
@@ -92,7 +92,7 @@ class ChildService:
 
         target = f"{self.entry.module}:{self.entry.func}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "guestbus.runtime.launch", target],
+            [sys.executable, "-m", "guestbus.runtime.launch", target, *self.entry.args],
             env=self.env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -200,7 +200,67 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_STOP_TIMEOUT,
         help="seconds a service gets to stop gracefully before it is killed",
     )
+    parser.add_argument(
+        "--demo",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run a lab hypervisor with N demo VMs, each with a real agent, whose serial "
+        "sockets the serial-bridge serves (instead of libvirt's)",
+    )
+    parser.add_argument(
+        "--demo-mode",
+        choices=["auto", "pty", "socketpair"],
+        default="auto",
+        help="demo guests' serial devices: ptys (as real UARTs) or socket pairs (thousands); "
+        "auto = pty up to 200 VMs",
+    )
+    parser.add_argument(
+        "--demo-heartbeat", type=float, default=5.0, help="demo agents' heartbeat interval (s)"
+    )
     parser.set_defaults(func=run)
+
+
+def service_entries(args: argparse.Namespace, state_dir: Path) -> list[ServiceEntry]:
+    """The services to run; with ``--demo N`` the bridge serves the lab's sockets instead."""
+    demo = int(getattr(args, "demo", 0) or 0)
+    if demo <= 0:
+        return list(SERVICES)
+    lab_dir = state_dir / "lab"
+    mode = getattr(args, "demo_mode", "auto")
+    if mode == "auto":
+        mode = "pty" if demo <= 200 else "socketpair"
+    entries = []
+    for entry in SERVICES:
+        if entry.name == "serial-bridge":
+            env = dict(entry.env)
+            env.update(
+                GUESTBUS_SOCKET_PATTERN=str(lab_dir / "{uuid}.serial.1"),
+                GUESTBUS_LIBVIRT_XML_DIRS="",
+                GUESTBUS_BRIDGE_HOST="lab",
+                GUESTBUS_SCAN_INTERVAL="1",
+            )
+            entry = ServiceEntry(entry.name, entry.module, entry.http_port, entry.func, env)
+        entries.append(entry)
+    entries.append(
+        ServiceEntry(
+            "lab-hypervisor",
+            "guestbus.lab.fleet",
+            0,
+            args=(
+                "--dir",
+                str(lab_dir),
+                "--vms",
+                str(demo),
+                "--mode",
+                mode,
+                "--heartbeat",
+                str(getattr(args, "demo_heartbeat", 5.0)),
+                "--quiet",
+            ),
+        )
+    )
+    return entries
 
 
 def _redact(url: str) -> str:
@@ -326,7 +386,10 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
         say(f"provisioned JetStream: {summary}")
 
         skipped: list[ServiceEntry] = []
-        for entry in SERVICES:
+        if getattr(args, "demo", 0) < 0:
+            say("--demo must be 0 or more", err=True)
+            return 2
+        for entry in service_entries(args, state_dir):
             if not module_available(entry.module):
                 say(
                     f"warning: skipping service {entry.name}: module {entry.module} is not "

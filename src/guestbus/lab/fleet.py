@@ -32,6 +32,7 @@ from guestbus_agent.link import SerialLink, serial_opener
 log = logging.getLogger("guestbus.lab.fleet")
 
 AgentMode = Literal["tasks", "processes"]
+DEMO_NAMESPACE = uuidlib.UUID("6f1c2e4a-8d3b-5a7e-9c0f-2b4d6e8a1c3e")
 
 
 def agent_config(vm: LabVM, heartbeat: float, device: str | None = None) -> AgentConfig:
@@ -194,10 +195,15 @@ async def _serve(args: argparse.Namespace) -> int:
     async with LabFleet(
         Path(args.dir), mode=args.mode, agents=args.agents, heartbeat=args.heartbeat
     ) as fleet:
-        vms = await fleet.add_vms(args.vms)
+        # Stable identities (uuid5 of the index): restarting the demo reuses its VMs.
+        vms = [
+            await fleet.add_vm(str(uuidlib.uuid5(DEMO_NAMESPACE, f"demo-{i}")))
+            for i in range(args.vms)
+        ]
         print(f"lab: {len(vms)} VMs ({args.mode}, agents as {args.agents}) in {args.dir}")
-        for vm in vms:
-            print(f"  {vm.uuid}  {vm.socket_path}  {vm.device_path or '(socket pair)'}")
+        if not args.quiet:
+            for vm in vms:
+                print(f"  {vm.uuid}  {vm.socket_path}  {vm.device_path or '(socket pair)'}")
         sys.stdout.flush()
         await stop.wait()
     return 0
@@ -214,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--agents", choices=["tasks", "processes"], default="tasks")
     p.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s)")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--quiet", action="store_true", help="print a summary, not every VM")
     args = p.parse_args(argv)
     if args.vms < 0:
         p.error("--vms must be >= 0")

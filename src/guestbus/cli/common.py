@@ -1,0 +1,148 @@
+"""What every bus-talking sub-command shares: connecting, resolving VMs, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.errors import NoServersError
+
+from guestbus.contract import KV_VMS, VmRecord
+from guestbus.registry import Registry
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    """A failure to show as one line (``error: …``) with a non-zero exit."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def nats_url(args: argparse.Namespace) -> str:
+    return str(getattr(args, "nats", None) or os.environ.get("GUESTBUS_NATS_URL") or DEFAULT_URL)
+
+
+async def connect(args: argparse.Namespace) -> Client:
+    url = nats_url(args)
+    options: dict[str, Any] = {
+        "servers": [url],
+        "name": "guestbus-cli",
+        "connect_timeout": 3,
+        "allow_reconnect": False,
+        "max_reconnect_attempts": 0,
+    }
+    user, password = os.environ.get("GUESTBUS_NATS_USER"), os.environ.get("GUESTBUS_NATS_PASSWORD")
+    if user:
+        options.update(user=user, password=password or "")
+    creds = os.environ.get("GUESTBUS_NATS_CREDS")
+    if creds:
+        options["user_credentials"] = creds
+
+    async def quiet(_: Exception) -> None:
+        return None
+
+    options["error_cb"] = quiet
+    try:
+        return await nats.connect(**options)
+    except (NoServersError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        raise CliError(
+            f"cannot reach NATS at {url} ({type(exc).__name__}): is `guestbus up` running? "
+            "Set GUESTBUS_NATS_URL or --nats to point at your cluster."
+        ) from None
+    except Exception as exc:
+        if "authorization" in str(exc).lower():
+            raise CliError(
+                f"NATS at {url} refused our credentials: set GUESTBUS_NATS_USER/"
+                "GUESTBUS_NATS_PASSWORD or GUESTBUS_NATS_CREDS"
+            ) from None
+        raise
+
+
+async def with_bus(args: argparse.Namespace, work: Callable[[Client], Awaitable[T]]) -> T:
+    nc = await connect(args)
+    try:
+        return await work(nc)
+    finally:
+        await nc.close()
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a command; CliError → one line on stderr and its status; Ctrl-C → 130."""
+    try:
+        return asyncio.run(coro)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+async def registry(nc: Client) -> Registry:
+    try:
+        kv = await nc.jetstream().key_value(KV_VMS)
+    except Exception as exc:
+        raise CliError(
+            f"the VM registry (KV bucket {KV_VMS}) is not available: {exc}. "
+            "Was the cluster provisioned (`guestbus up` does it)?"
+        ) from None
+    return Registry(kv)
+
+
+async def resolve_vm(nc: Client, ref: str) -> VmRecord:
+    """A VM by uuid, name or unique uuid prefix."""
+    records = await (await registry(nc)).all()
+    ref_l = ref.lower()
+    for rec in records:
+        if rec.uuid == ref_l:
+            return rec
+    by_name = [r for r in records if r.name == ref]
+    if len(by_name) == 1:
+        return by_name[0]
+    by_prefix = [r for r in records if r.uuid.startswith(ref_l)]
+    if len(by_prefix) == 1:
+        return by_prefix[0]
+    if len(by_name) + len(by_prefix) > 1:
+        raise CliError(f"{ref!r} matches several VMs; give more of the uuid")
+    raise CliError(f"no VM {ref!r} in the registry (see `guestbus vms`)")
+
+
+def add_nats_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nats",
+        metavar="URL",
+        help=f"NATS URL (default: $GUESTBUS_NATS_URL or {DEFAULT_URL})",
+    )
+
+
+def age(when: datetime | None, now: datetime | None = None) -> str:
+    if when is None:
+        return "never"
+    seconds = ((now or datetime.now(UTC)) - when).total_seconds()
+    if seconds < 1:
+        return "now"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
