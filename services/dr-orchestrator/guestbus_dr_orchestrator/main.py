@@ -1,4 +1,4 @@
-"""``guestbus-dr-orchestrator``: Disaster-recovery plans and failover runs (re-IP, recovery scripts).
+"""``guestbus-dr-orchestrator``: DR plans and failover runs.
 
 Skeleton: the service registers on the bus (``$SRV.PING/INFO/STATS``), serves its probes
 and metrics, and has no endpoints yet; see the project's open issues for what it will do.
@@ -12,7 +12,10 @@ from . import __version__
 class DrOrchestrator(BusService):
     name = "dr-orchestrator"
     version = __version__
-    description = "Disaster-recovery plans and failover runs (re-IP, recovery scripts) (skeleton: no endpoints yet)."
+    description = (
+        "Disaster-recovery plans and failover runs (re-IP, recovery scripts) "
+        "(skeleton: no endpoints yet)."
+    )
 
     async def setup(self, ctx: ServiceContext) -> None:
         ctx.log.warning(

@@ -15,7 +15,7 @@ class IsoBuilder(BusService):
     description = "Per-VM tools and config ISO media (skeleton: no endpoints yet)."
 
     async def setup(self, ctx: ServiceContext) -> None:
-        ctx.log.warning("iso-builder is a skeleton: it registers and reports health, nothing more")
+        ctx.log.warning("iso-builder: skeleton; it registers and reports health only")
 
 
 def main() -> None:
