@@ -100,12 +100,13 @@ def run_info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
-        print(f"vm:       {rec.uuid}" + (f" ({rec.name})" if rec.name else ""))
+        print(f"{'vm:':<15}{rec.uuid}" + (f" ({rec.name})" if rec.name else ""))
         for key in ("hostname", "os", "kernel", "arch", "agent_version", "python"):
             if key in info:
-                print(f"{key + ':':<10}{info[key]}")
+                print(f"{key + ':':<15}{info[key]}")
         if "uptime" in info:
-            print(f"{'uptime:':<10}{float(info['uptime']):.0f} s")
+            print(f"{'uptime:':<15}{float(info['uptime']):.0f} s")
+        print("interfaces:")
         for iface in info.get("interfaces", []):
             addrs = ", ".join(iface.get("addresses", [])) or "-"
             print(f"  {iface.get('name', '?'):<12} {iface.get('mac') or '-':<18} {addrs}")

@@ -236,7 +236,7 @@ def service_entries(args: argparse.Namespace, state_dir: Path) -> list[ServiceEn
             env = dict(entry.env)
             env.update(
                 GUESTBUS_SOCKET_PATTERN=str(lab_dir / "{uuid}.serial.1"),
-                GUESTBUS_LIBVIRT_XML_DIRS="",
+                GUESTBUS_LIBVIRT_XML_DIRS=str(lab_dir / "xml"),
                 GUESTBUS_BRIDGE_HOST="lab",
                 GUESTBUS_SCAN_INTERVAL="1",
             )
@@ -257,6 +257,8 @@ def service_entries(args: argparse.Namespace, state_dir: Path) -> list[ServiceEn
                 "--heartbeat",
                 str(getattr(args, "demo_heartbeat", 5.0)),
                 "--quiet",
+                "--xml-dir",
+                str(lab_dir / "xml"),
             ),
         )
     )

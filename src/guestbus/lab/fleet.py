@@ -186,6 +186,25 @@ class LabFleet:
         self._tmp.cleanup()
 
 
+def domain_xml(name: str, vm: LabVM) -> str:
+    """A minimal libvirt domain XML with the reference serial port (target port 1)."""
+    return (
+        f"<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>{vm.uuid}</uuid>\n"
+        "  <devices>\n    <serial type='unix'>\n"
+        f"      <source mode='bind' path='{vm.socket_path}'/>\n"
+        "      <target type='isa-serial' port='1'/>\n    </serial>\n  </devices>\n</domain>\n"
+    )
+
+
+def write_domain_xml(directory: Path, name: str, vm: LabVM) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.xml"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(domain_xml(name, vm), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -196,10 +215,12 @@ async def _serve(args: argparse.Namespace) -> int:
         Path(args.dir), mode=args.mode, agents=args.agents, heartbeat=args.heartbeat
     ) as fleet:
         # Stable identities (uuid5 of the index): restarting the demo reuses its VMs.
-        vms = [
-            await fleet.add_vm(str(uuidlib.uuid5(DEMO_NAMESPACE, f"demo-{i}")))
-            for i in range(args.vms)
-        ]
+        vms = []
+        for i in range(args.vms):
+            vm = await fleet.add_vm(str(uuidlib.uuid5(DEMO_NAMESPACE, f"demo-{i}")))
+            if args.xml_dir:
+                write_domain_xml(Path(args.xml_dir), f"demo-{i}", vm)
+            vms.append(vm)
         print(f"lab: {len(vms)} VMs ({args.mode}, agents as {args.agents}) in {args.dir}")
         if not args.quiet:
             for vm in vms:
@@ -221,6 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--quiet", action="store_true", help="print a summary, not every VM")
+    p.add_argument(
+        "--xml-dir",
+        help="also write a libvirt-style domain XML per VM here (name demo-N), as libvirt "
+        "keeps in its run directory, so the bridge can discover VMs with their names",
+    )
     args = p.parse_args(argv)
     if args.vms < 0:
         p.error("--vms must be >= 0")
