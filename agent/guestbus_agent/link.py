@@ -67,6 +67,7 @@ class LinkStatus:
         self.heartbeats_ok = 0
         self.heartbeats_failed = 0
         self.hellos = 0
+        self.downs = 0
 
 
 class SerialLink:
@@ -142,6 +143,7 @@ class SerialLink:
     def _set_down(self, why: str) -> None:
         if self.status.active:
             log.warning("link down: %s", why)
+            self.status.downs += 1
         self.status.active = False
 
     # --- the conversation ------------------------------------------------------------------

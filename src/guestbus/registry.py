@@ -1,12 +1,15 @@
 """The VM registry in the JetStream KV bucket ``gb_vms``: one :class:`VmRecord` per uuid.
 
 rpc-router replicas write it concurrently, so every change is a compare-and-set on the
-entry's revision, retried on conflict; nothing is kept only in memory.
+entry's revision, retried on conflict; nothing is kept only in memory. Within one process,
+changes to the same entry take turns (a burst of RPCs from one VM would otherwise spend its
+retries colliding with itself).
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -20,6 +23,15 @@ Mutator = Callable[[VmRecord], VmRecord | None]
 class Registry:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _lock(self, uuid: str) -> asyncio.Lock:
+        lock = self._locks.get(uuid)
+        if lock is None:
+            lock = self._locks[uuid] = asyncio.Lock()
+        return lock
 
     async def get(self, uuid: str) -> tuple[VmRecord | None, int | None]:
         try:
@@ -35,6 +47,10 @@ class Registry:
 
         ``mutate`` returns the new record, or None to leave the entry as it is.
         """
+        async with self._lock(uuid):
+            return await self._change(uuid, mutate, attempts)
+
+    async def _change(self, uuid: str, mutate: Mutator, attempts: int) -> VmRecord | None:
         for attempt in range(attempts):
             current, revision = await self.get(uuid)
             base = current if current is not None else VmRecord(uuid=uuid)
@@ -57,15 +73,19 @@ class Registry:
         raise RuntimeError(f"registry entry {uuid} changed concurrently {attempts} times in a row")
 
     async def all(self) -> list[VmRecord]:
-        """A snapshot of every record (one watch, no per-key round trips)."""
-        records: list[VmRecord] = []
+        """A snapshot of every record (one watch, no per-key round trips).
+
+        Changes made while the watch delivers its initial values come before its end marker
+        too, so a busy key can arrive more than once: the last (newest) value wins.
+        """
+        latest: dict[str, VmRecord] = {}
         watcher = await self.kv.watchall(ignore_deletes=True, include_history=False)
         try:
             async for entry in watcher:
                 if entry is None:
                     break
                 if entry.value:
-                    records.append(VmRecord.model_validate_json(entry.value))
+                    latest[entry.key] = VmRecord.model_validate_json(entry.value)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-        return sorted(records, key=lambda r: ((r.name or "~"), r.uuid))
+        return sorted(latest.values(), key=lambda r: ((r.name or "~"), r.uuid))

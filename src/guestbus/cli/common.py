@@ -54,7 +54,8 @@ async def connect(args: argparse.Namespace) -> Client:
 
     options["error_cb"] = quiet
     try:
-        return await nats.connect(**options)
+        # nats-py may keep retrying a refused first connect; bound it ourselves.
+        return await asyncio.wait_for(nats.connect(**options), timeout=5)
     except (NoServersError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
         raise CliError(
             f"cannot reach NATS at {url} ({type(exc).__name__}): is `guestbus up` running? "
