@@ -52,6 +52,7 @@ async def test_up_starts_broker_provisions_and_stops_clean(tmp_path: Path) -> No
 SUPERVISED = """
 import sys
 from guestbus.cli import up
+up.SERVICES.clear()  # only the services of this test
 up.SERVICES.append(up.ServiceEntry("sample", "runtime.sample_service", {port}))
 up.SERVICES.append(up.ServiceEntry("ghost", "guestbus_no_such_service.main", 0))
 sys.exit(up.main(sys.argv[1:]))
@@ -110,4 +111,6 @@ async def test_up_supervises_services(tmp_path: Path) -> None:
     assert not pid_alive(int(broker_pid))
     assert not pid_alive(child_pid)
     assert not pid_alive(restarted)
-    assert any('"msg": "service stopped"' in line for line in proc.lines)
+    # The service's own JSON log (in STATE_DIR/logs) shows its graceful stop.
+    log_lines = (tmp_path / "logs" / "sample.log").read_text().splitlines()
+    assert any('"msg": "service stopped"' in line for line in log_lines)

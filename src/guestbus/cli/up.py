@@ -76,9 +76,12 @@ def module_available(module: str) -> bool:
 class ChildService:
     """One supervised service process."""
 
-    def __init__(self, entry: ServiceEntry, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, entry: ServiceEntry, env: Mapping[str, str], log_path: Path | None = None
+    ) -> None:
         self.entry = entry
         self.env = dict(env)
+        self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.state = "pending"
@@ -91,13 +94,23 @@ class ChildService:
         from guestbus.runtime.procs import child_preexec
 
         target = f"{self.entry.module}:{self.entry.func}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "guestbus.runtime.launch", target, *self.entry.args],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=child_preexec(),
-        )
+        log = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "guestbus.runtime.launch", target, *self.entry.args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT if log is not None else None,
+                start_new_session=True,
+                preexec_fn=child_preexec(),
+            )
+        finally:
+            if log is not None:
+                log.close()
         self.state = "running"
 
     async def supervise(self, stop: asyncio.Event) -> None:
@@ -199,6 +212,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_STOP_TIMEOUT,
         help="seconds a service gets to stop gracefully before it is killed",
+    )
+    parser.add_argument(
+        "--logs",
+        choices=["files", "terminal"],
+        default="files",
+        help="where the services' JSON logs go: STATE_DIR/logs/NAME.log (default) or here",
     )
     parser.add_argument(
         "--demo",
@@ -407,7 +426,8 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
                 GUESTBUS_STATE_DIR=str(state_dir / "services" / entry.name),
             )
             env.update(entry.env)
-            child = ChildService(entry, env)
+            log_path = None if args.logs == "terminal" else state_dir / "logs" / f"{entry.name}.log"
+            child = ChildService(entry, env, log_path)
             children.append(child)
             supervisors.append(
                 asyncio.create_task(child.supervise(stop), name=f"supervise:{entry.name}")
@@ -420,6 +440,8 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
         ctx = UpContext(args, url, state_dir, nc, children, stop, broker)
         for task in [*EXTRA_TASKS, *extra_tasks]:
             extras.append(asyncio.create_task(_guard(task, ctx)))
+        if args.logs == "files" and children:
+            say(f"service logs: {state_dir / 'logs'}/<service>.log")
         say("ready; press Ctrl-C to stop")
 
         while not stop.is_set():
