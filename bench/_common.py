@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -208,10 +209,8 @@ def machine_info(loop: str) -> dict[str, Any]:
         "nats_server": nats_server_version(),
     }
     if loop == "uvloop":
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            info["uvloop"] = uvloop.__version__
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info["uvloop"] = importlib.metadata.version("uvloop")
     return info
 
 
@@ -319,8 +318,14 @@ class Children:
 
 
 def sigterm_as_interrupt() -> None:
-    """Make SIGTERM behave like Ctrl-C (asyncio.Runner cancels the main task; the
-    ``finally`` blocks stop the children)."""
+    """Make SIGTERM behave like Ctrl-C: asyncio.Runner cancels the main task (its
+    ``finally`` blocks stop what it started), then KeyboardInterrupt reaches the caller.
+
+    A shell starts background jobs with SIGINT ignored; restore Python's handler so that
+    ``kill -INT`` stops the benchmark cleanly too.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         signal.raise_signal(signal.SIGINT)
@@ -383,13 +388,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, from /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process (missing ones are left out), and by
+    the whole machine under ``"machine"``: what others on the machine used shows as
+    ``machine`` minus the named processes in :func:`cpu_percent`."""
+    snap: dict[str, float] = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        snap["machine"] = system_busy_seconds()
+    for name, pid in pids.items():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            snap[name] = cpu_seconds(pid)
+    return snap
+
+
+def cpu_percent(
+    before: Mapping[str, float], after: Mapping[str, float], seconds: float
+) -> dict[str, float]:
+    """Per process: percent of one core used between two :func:`cpu_snapshot` calls;
+    ``machine`` is all cores together (200 = two busy cores) and ``others`` what processes
+    not named used (other work on the machine: noise)."""
+    if seconds <= 0:
+        return {}
+    used = {name: (after[name] - before[name]) for name in before if name in after}
+    out = {name: round(v / seconds * 100, 1) for name, v in used.items()}
+    if "machine" in used:
+        mine = sum(v for name, v in used.items() if name != "machine")
+        out["others"] = round(max(0.0, used["machine"] - mine) / seconds * 100, 1)
+    return out
+
+
 async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
     """A minimal HTTP/1.1 GET (the probe servers close the connection after a response)."""
 
     async def go() -> tuple[int, bytes]:
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
             await writer.drain()
             raw = await reader.read()
         finally:
@@ -427,6 +472,29 @@ def metric(samples: Samples, name: str, **labels: str) -> float:
 
 def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
     return metric(after, name, **labels) - metric(before, name, **labels)
+
+
+def histogram_quantile(
+    after: Samples, before: Samples, name: str, q: float, **labels: str
+) -> float | None:
+    """Upper bound (seconds) of the histogram bucket holding quantile ``q`` (0..1) of the
+    observations made between two scrapes; None without observations, inf past the last."""
+    buckets: dict[float, float] = {}
+    for (n, lbl), value in after.items():
+        if n != f"{name}_bucket" or not set(labels.items()) <= lbl:
+            continue
+        le = float(dict(lbl)["le"])
+        before_value = before.get((n, lbl), 0.0)
+        buckets[le] = buckets.get(le, 0.0) + value - before_value
+    if not buckets:
+        return None
+    total = buckets.get(math.inf, max(buckets.values()))
+    if total <= 0:
+        return None
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return le
+    return math.inf
 
 
 async def wait_ready(

@@ -42,15 +42,19 @@ from guestbus.contract import (
     VmRecord,
 )
 from guestbus.lab.fleet import LabAgent, LabFleet
+from guestbus.lab.hypervisor import LabVM
 from guestbus.provision import provision
 from guestbus.registry import Registry
 from guestbus.runtime import BusError, ServiceHost
+from guestbus.wire import ErrorReceived, FrameDecoder, ResponseReceived, Session
 from guestbus_agent.commands import Commands
 from guestbus_rpc_router.service import RouterSettings, RpcRouter
 from guestbus_serial_bridge.service import SerialBridge
 from guestbus_serial_bridge.settings import BridgeSettings
 
 BRIDGE_HOST = "lab-host-1"
+StackFactory = Callable[..., Awaitable["LinkStack"]]
+"""The ``make_stack`` fixture: ``await make_stack(**LinkStack options)``."""
 SOCKET_NAME = "{uuid}.serial.1"
 
 
@@ -519,8 +523,9 @@ class LinkStack:
         def all_active() -> bool:
             return all(self.agent_link(v).status.active for v in wanted)
 
-        await wait_until(all_active, timeout, f"{len(wanted)} agent links active", 0.05,
-                         self.agents_detail)
+        await wait_until(
+            all_active, timeout, f"{len(wanted)} agent links active", 0.05, self.agents_detail
+        )
 
     async def wait_registered(
         self, vms: Iterable[str], timeout: float = 20.0, link: str = "serial"
@@ -547,3 +552,81 @@ class LinkStack:
 
 def random_vm() -> str:
     return str(uuidlib.uuid4())
+
+
+# --- a guest driven by hand ---------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    ok: bool
+    result: dict[str, Any] | None = None
+    code: str | None = None
+    message: str = ""
+
+
+class HandGuest:
+    """The guest side of a lab VM's serial port, driven by the test: raw bytes or wire
+    frames from a guest-side :class:`Session`; every answer the host sends is collected."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.session = Session()
+        self.answers: dict[str, Answer] = {}
+        self.frames: list[dict[str, Any]] = []  # every frame the host sent, decoded
+        self.stray: list[Any] = []
+        self._decoder = FrameDecoder()
+        self._task = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def open(cls, vm: LabVM) -> HandGuest:
+        reader, writer = await vm.open_guest()
+        return cls(reader, writer)
+
+    async def _read(self) -> None:
+        while data := await self.reader.read(65536):
+            self.frames.extend(f for f in self._decoder.feed(data) if isinstance(f, dict))
+            for ev in self.session.receive_data(data):
+                if isinstance(ev, ResponseReceived):
+                    self.answers[ev.request_id] = Answer(True, result=ev.result)
+                elif isinstance(ev, ErrorReceived):
+                    self.answers[ev.request_id] = Answer(False, code=ev.code, message=ev.message)
+                else:
+                    self.stray.append(ev)
+
+    def answer_to(self, rid: str) -> dict[str, Any] | None:
+        """The host's answer frame to a request id, also for requests written as raw bytes."""
+        return next((f for f in self.frames if f.get("id") == rid), None)
+
+    def write(self, raw: bytes) -> None:
+        self.writer.write(raw)
+
+    def send(self, method: str, params: dict[str, Any], timeout: float = 10.0) -> str:
+        rid, data = self.session.send_request(method, params, timeout)
+        self.writer.write(data)
+        return rid
+
+    async def wait_answers(self, rids: Iterable[str], timeout: float = 10.0) -> list[Answer]:
+        wanted = list(rids)
+        await wait_until(
+            lambda: all(r in self.answers for r in wanted),
+            timeout,
+            f"answers to {len(wanted)} requests ({len(self.answers)} answers so far)",
+        )
+        return [self.answers[r] for r in wanted]
+
+    async def request(self, method: str, params: dict[str, Any], timeout: float = 10.0) -> Answer:
+        rid = self.send(method, params, timeout)
+        return (await self.wait_answers([rid], timeout))[0]
+
+    async def hello(self, params: dict[str, Any] | None = None) -> Answer:
+        base = {"protocol": 1, "agent_version": "0.0.0-hand", "capabilities": []}
+        rid, data = self.session.send_hello({**base, **(params or {})}, 10.0)
+        self.writer.write(data)
+        return (await self.wait_answers([rid]))[0]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.writer.close()
