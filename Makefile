@@ -30,7 +30,7 @@ $(VENV39)/.installed:
 	@if [ -n "$(PYTHON39)" ]; then \
 		$(PYTHON39) -m venv $(VENV39) && \
 		$(VENV39)/bin/python -m pip install -q --upgrade pip && \
-		$(VENV39)/bin/python -m pip install -q pytest hypothesis pytest-timeout pyserial-asyncio 'mypy<2' && \
+		$(VENV39)/bin/python -m pip install -q pytest hypothesis pytest-timeout pyserial-asyncio cryptography 'mypy<2' && \
 		touch $@; \
 	else echo "note: no python3.9 found: guest-side tests run on $(PYTHON) only"; fi
 

@@ -10,7 +10,7 @@ import platform
 import socket
 import subprocess
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from guestbus.wire import errors
 from guestbus.wire.aio import RemoteError
@@ -86,7 +86,9 @@ def guest_info(vm: str) -> Dict[str, Any]:
 class Commands:
     """The allow-listed command table of one agent."""
 
-    def __init__(self, vm: str, allowed: Tuple[str, ...]) -> None:
+    def __init__(
+        self, vm: str, allowed: Tuple[str, ...], extra: Optional[Dict[str, Handler]] = None
+    ) -> None:
         self.vm = vm
         self.allowed = tuple(allowed)
         self._table: Dict[str, Handler] = {
@@ -94,9 +96,10 @@ class Commands:
             "info": self._info,
             "allowed": self._allowed,
         }
+        self._table.update(extra or {})
 
     def capabilities(self) -> List[str]:
-        return ["cmd:" + name for name in self.allowed]
+        return ["cmd:" + name for name in self.allowed if name in self._table]
 
     async def run(self, method: str, params: Dict[str, Any]) -> Dict[str, Any]:
         if method not in self.allowed or method not in self._table:

@@ -15,7 +15,8 @@ ISO_LABEL = "GUESTBUS"
 ISO_CONFIG_NAME = "config.json"
 DEFAULT_PORT = 2074
 DEFAULT_DEVICE = "/dev/ttyS1"  # COM2: target port 1 of the reference domain XML
-KNOWN_COMMANDS = ("ping", "info", "allowed")
+DEFAULT_STATE_DIR = "/var/lib/guestbus"
+KNOWN_COMMANDS = ("ping", "info", "allowed", "renew")
 
 _UUID = re.compile(
     r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
@@ -38,6 +39,9 @@ class AgentConfig:
     heartbeat_failure_limit: int = 20
     request_timeout: float = 5.0
     allowed_commands: Tuple[str, ...] = KNOWN_COMMANDS
+    state_dir: str = DEFAULT_STATE_DIR
+    ip_fallback: bool = True
+    source_config_uuid: Optional[str] = None
     source: str = field(default="", compare=False)
 
     def to_json(self) -> Dict[str, Any]:
@@ -52,6 +56,9 @@ class AgentConfig:
             "heartbeat_failure_limit": self.heartbeat_failure_limit,
             "request_timeout": self.request_timeout,
             "allowed_commands": list(self.allowed_commands),
+            "state_dir": self.state_dir,
+            "ip_fallback": self.ip_fallback,
+            **({"source_config_uuid": self.source_config_uuid} if self.source_config_uuid else {}),
         }
 
 
@@ -106,6 +113,15 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
                 source, ", ".join(unknown), ", ".join(KNOWN_COMMANDS)
             )
         )
+    state_dir = data.get("state_dir", DEFAULT_STATE_DIR)
+    if not isinstance(state_dir, str) or not state_dir.startswith("/"):
+        raise ConfigError(f"{source}: field 'state_dir' must be an absolute directory path")
+    fallback = data.get("ip_fallback", True)
+    if not isinstance(fallback, bool):
+        raise ConfigError(f"{source}: field 'ip_fallback' must be true or false")
+    derived = data.get("source_config_uuid")
+    if derived is not None and not isinstance(derived, str):
+        raise ConfigError(f"{source}: field 'source_config_uuid' must be a string")
     return AgentConfig(
         vm_uuid=vm.lower(),
         config_uuid=cfg_uuid,
@@ -121,6 +137,9 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
         ),
         request_timeout=float(_number(data, "request_timeout", 5.0, 0.05, 600, source, False)),
         allowed_commands=tuple(dict.fromkeys(commands)),
+        state_dir=state_dir,
+        ip_fallback=fallback,
+        source_config_uuid=derived,
         source=source,
     )
 
@@ -173,11 +192,45 @@ def candidate_sources(explicit: Optional[Path]) -> List[Path]:
     return [mount / ISO_CONFIG_NAME] if mount is not None else []
 
 
-def load(explicit: Optional[Path]) -> AgentConfig:
+STATE_CONFIG_NAME = "config.json"
+
+
+def load(explicit: Optional[Path], state_dir: Optional[Path] = None) -> AgentConfig:
+    """The config to run with.
+
+    The source (``--config`` or the ISO) is the operator's word. The agent writes its own
+    ``<state_dir>/config.json`` when it re-enrolls under a new identity (a clone); that file
+    wins while it was derived from the source's current ``config_uuid``. A new source config
+    (a new ISO) is new operator intent and wins over it.
+    """
     sources = candidate_sources(explicit)
     if not sources:
         raise ConfigError(
             f"no config: pass --config FILE, or mount the ISO labelled {ISO_LABEL} "
             f"(it holds {ISO_CONFIG_NAME})"
         )
-    return load_file(sources[0])
+    source = load_file(sources[0])
+    local_path = Path(state_dir or source.state_dir) / STATE_CONFIG_NAME
+    if local_path.exists():
+        try:
+            local = load_file(local_path)
+        except ConfigError:
+            return source
+        if local.source_config_uuid == source.config_uuid:
+            return local
+    return source
+
+
+def write_state_config(config: AgentConfig) -> Path:
+    """Persist a config the agent derived itself (atomically, root-only)."""
+    path = Path(config.state_dir) / STATE_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (json.dumps(config.to_json(), indent=2) + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(str(tmp), str(path))
+    return path

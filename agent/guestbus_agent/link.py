@@ -1,4 +1,7 @@
-"""Keeps the agent's serial link up: open the device, hello, heartbeat, serve host commands.
+"""Keeps one agent link up: open the stream, hello, heartbeat, serve host commands.
+
+The same loop runs over the serial device (``kind="serial"``) and over mutual TLS to the
+gateway (``kind="ip"``); :mod:`guestbus_agent.agent` decides which one carries the traffic.
 
 A serial line has no carrier: the agent cannot see the host connect or go away. So the link
 counts as active only while the host answers: hello at start and whenever the host says it
@@ -68,10 +71,12 @@ class LinkStatus:
         self.heartbeats_failed = 0
         self.hellos = 0
         self.downs = 0
+        self.consecutive_failures = 0
+        self.last_error: Optional[str] = None
 
 
-class SerialLink:
-    """One agent's link over one byte stream."""
+class Link:
+    """One agent link over one byte stream (serial device or TLS connection)."""
 
     def __init__(
         self,
@@ -80,16 +85,39 @@ class SerialLink:
         commands: Optional[Commands] = None,
         rng: Optional[random.Random] = None,
         kind: str = "serial",
+        on_change: Optional[Callable[["Link"], None]] = None,
+        on_ack: Optional[Callable[["Link", Dict[str, Any]], Awaitable[None]]] = None,
     ) -> None:
         self.config = config
         self.opener = opener
         self.commands = commands or Commands(config.vm_uuid, config.allowed_commands)
         self.rng = rng or random.Random()
         self.kind = kind
+        self.on_change = on_change
+        self.on_ack = on_ack
         self.status = LinkStatus()
         self.channel: Optional[Channel] = None
         self._rehello = asyncio.Event()
         self._seq = 0
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _failed(self, why: str) -> None:
+        self.status.consecutive_failures += 1
+        self.status.last_error = why
+        self._changed()
+
+    def _succeeded(self) -> None:
+        changed = self.status.consecutive_failures != 0
+        self.status.consecutive_failures = 0
+        if changed:
+            self._changed()
+
+    def request_hello(self) -> None:
+        """Say hello again at once (e.g. after the identity changed)."""
+        self._rehello.set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -100,18 +128,15 @@ class SerialLink:
         while True:
             try:
                 reader, writer = await self.opener()
-            except (OSError, ImportError) as exc:
+            except (OSError, ImportError, asyncio.TimeoutError) as exc:
                 if not waiting_logged:
-                    log.warning(
-                        "serial device %s not available yet (%s); waiting for it",
-                        self.config.serial_device,
-                        exc,
-                    )
+                    log.warning("%s link: cannot open (%s); retrying", self.kind, exc)
                     waiting_logged = True
+                self._failed(f"open: {exc}")
                 await asyncio.sleep(open_backoff.next())
                 continue
             if waiting_logged:
-                log.info("serial device %s is available", self.config.serial_device)
+                log.info("%s link: opened", self.kind)
             waiting_logged = False
             open_backoff.reset()
             channel = Channel(
@@ -137,14 +162,16 @@ class SerialLink:
                     task.cancel()
                 await asyncio.gather(reading, talking, return_exceptions=True)
                 await channel.close()
-                self._set_down("device closed")
+                self.channel = None
+                self._set_down("stream closed")
             await asyncio.sleep(open_backoff.next())
 
     def _set_down(self, why: str) -> None:
         if self.status.active:
-            log.warning("link down: %s", why)
+            log.warning("%s link down: %s", self.kind, why)
             self.status.downs += 1
-        self.status.active = False
+            self.status.active = False
+            self._changed()
 
     # --- the conversation ------------------------------------------------------------------
 
@@ -170,12 +197,16 @@ class SerialLink:
             except RemoteError as exc:
                 self.status.hellos += 1
                 if exc.code != errors.TIMEOUT:
-                    log.warning("hello refused: %s", exc)
+                    log.warning("%s hello refused: %s", self.kind, exc)
+                self._failed(f"hello: {exc.code}")
                 await asyncio.sleep(backoff.next())
                 continue
             self.status.hellos += 1
             backoff.reset()
+            self._succeeded()
             self._on_ack(ack)
+            if self.on_ack is not None:
+                await self.on_ack(self, ack)
             await self._report(channel)
             # Phase 2: heartbeat until the host stops answering or asks for a new hello.
             failures = 0
@@ -189,8 +220,10 @@ class SerialLink:
                     pass
                 if await self._heartbeat(channel):
                     failures = 0
+                    self._succeeded()
                     continue
                 failures += 1
+                self._failed("heartbeat unanswered")
                 if failures >= self.config.serial_failure_limit:
                     self._set_down(f"{failures} heartbeats unanswered")
                     break
@@ -200,13 +233,14 @@ class SerialLink:
 
     def _on_ack(self, ack: Dict[str, Any]) -> None:
         stamped = str(ack.get("vm", ""))
+        was_active = self.status.active
         self.status.active = True
         self.status.stamped_vm = stamped
         self.status.host = ack.get("host")
         self.status.last_ok = time.monotonic()
         interval = ack.get("heartbeat_interval")
         log.info(
-            "link up over %s via %s (identity %s%s)",
+            "%s link up via %s (identity %s%s)",
             self.kind,
             self.status.host,
             stamped,
@@ -216,6 +250,8 @@ class SerialLink:
         )
         if isinstance(interval, (int, float)) and interval > 0:
             log.debug("host suggests heartbeat interval %.1fs", interval)
+        if not was_active:
+            self._changed()
 
     async def _report(self, channel: Channel) -> None:
         from .commands import guest_info
@@ -248,3 +284,6 @@ class SerialLink:
         self.status.heartbeats_ok += 1
         self.status.last_ok = time.monotonic()
         return True
+
+
+SerialLink = Link  # the name the lab and older code use

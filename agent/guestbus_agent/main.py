@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .agent import Agent
 from .config import ISO_CONFIG_NAME, ISO_LABEL, AgentConfig, ConfigError, load
-from .link import SerialLink, serial_opener
+from .link import serial_opener
 
 log = logging.getLogger("guestbus.agent")
 
@@ -27,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="config JSON file (default: from the ISO)")
     p.add_argument("--device", help="serial device, overrides the config (e.g. /dev/ttyS1)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where the agent keeps its certificate and derived config (default: the "
+        "config's state_dir, /var/lib/guestbus)",
+    )
+    p.add_argument("--gateway", help="HOST:PORT of the TLS gateway, overrides the config")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--version", action="version", version="guestbus-agent " + __version__)
@@ -34,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run_agent(config: AgentConfig) -> int:
-    link = SerialLink(config, serial_opener(config.serial_device))
+    agent = Agent(config, serial_opener(config.serial_device))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.ensure_future(link.run())
+    task = asyncio.ensure_future(agent.run())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     task.cancel()
@@ -55,12 +63,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         stream=sys.stderr, level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = load(args.config)
+        config = load(args.config, args.state_dir)
     except ConfigError as exc:
         print(f"guestbus-agent: error: {exc}", file=sys.stderr)
         return 2
     if args.device:
         config = replace(config, serial_device=args.device)
+    if args.state_dir:
+        config = replace(config, state_dir=str(args.state_dir.absolute()))
+    if args.gateway:
+        host, _, port = args.gateway.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            print("guestbus-agent: error: --gateway must be HOST:PORT", file=sys.stderr)
+            return 2
+        config = replace(config, gateway_host=host, gateway_port=int(port))
     if args.check_config:
         print(f"config OK: vm {config.vm_uuid} from {config.source}")
         return 0

@@ -3,6 +3,7 @@
 import json
 import os
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
@@ -28,7 +29,8 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.serial_device == "/dev/ttyS1"
     assert cfg.serial_failure_limit == 3
     assert cfg.heartbeat_failure_limit == 20
-    assert cfg.allowed_commands == ("ping", "info", "allowed")
+    assert cfg.allowed_commands == ("ping", "info", "allowed", "renew")
+    assert cfg.state_dir == "/var/lib/guestbus" and cfg.ip_fallback is True
 
 
 @pytest.mark.parametrize("field", ["vm_uuid", "config_uuid", "gateway_host"])
@@ -54,7 +56,7 @@ def test_missing_required_field_is_named(field: str) -> None:
     ],
 )
 def test_invalid_field_is_named(field: str, value: object) -> None:
-    data = dict(VALID)
+    data: Dict[str, object] = dict(VALID)
     data[field] = value
     with pytest.raises(ConfigError) as err:
         parse_config(data, "cfg.json")

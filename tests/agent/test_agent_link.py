@@ -70,7 +70,7 @@ async def start(
     ra, wa, rb, wb = await pair()
     host.channel = Channel(rb, wb, on_hello=host.hello, on_request=host.rpc)
     host_task = asyncio.ensure_future(host.channel.run())
-    opened = []
+    opened: List[int] = []
 
     async def opener() -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if opened:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 from guestbus.lab.hypervisor import LabHypervisor, LabMode, LabVM
+from guestbus_agent.agent import Agent
 from guestbus_agent.config import AgentConfig
-from guestbus_agent.link import SerialLink, serial_opener
+from guestbus_agent.link import Link, serial_opener
 
 log = logging.getLogger("guestbus.lab.fleet")
 
@@ -35,11 +36,20 @@ AgentMode = Literal["tasks", "processes"]
 DEMO_NAMESPACE = uuidlib.UUID("6f1c2e4a-8d3b-5a7e-9c0f-2b4d6e8a1c3e")
 
 
-def agent_config(vm: LabVM, heartbeat: float, device: str | None = None) -> AgentConfig:
+def agent_config(
+    vm: LabVM,
+    heartbeat: float,
+    device: str | None = None,
+    state_root: Path | None = None,
+    gateway: tuple[str, int] = ("127.0.0.1", 2074),
+) -> AgentConfig:
+    root = state_root or Path(tempfile.gettempdir()) / "guestbus-lab-state"
     return AgentConfig(
         vm_uuid=vm.uuid,
         config_uuid=str(uuidlib.uuid4()),
-        gateway_host="127.0.0.1",
+        gateway_host=gateway[0],
+        gateway_port=gateway[1],
+        state_dir=str(root / vm.uuid),
         serial_device=device or vm.device_path or "/dev/null",
         heartbeat_interval=heartbeat,
         request_timeout=max(1.0, min(5.0, heartbeat)),
@@ -51,7 +61,9 @@ def agent_config(vm: LabVM, heartbeat: float, device: str | None = None) -> Agen
 class LabAgent:
     vm: LabVM
     config: AgentConfig
-    link: SerialLink | None = None
+    link: Link | None = None
+    """The agent's serial link (``agent.serial``)."""
+    agent: Agent | None = None
     task: asyncio.Task[None] | None = None
     process: asyncio.subprocess.Process | None = None
     config_path: Path | None = None
@@ -70,6 +82,8 @@ class LabFleet:
         heartbeat: float = 5.0,
         use_pyserial: bool = True,
         config_overrides: dict[str, object] | None = None,
+        gateway: tuple[str, int] = ("127.0.0.1", 2074),
+        state_root: Path | None = None,
     ) -> None:
         if agents == "processes" and mode != "pty":
             raise ValueError("separate agent processes need pty mode (they open a device)")
@@ -81,6 +95,9 @@ class LabFleet:
         self.config_overrides = dict(config_overrides or {})
         self.agents: dict[str, LabAgent] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="guestbus-lab-")
+        self.gateway = gateway
+        # Each agent keeps its certificate and derived config under state_root/<uuid>.
+        self.state_root = state_root or Path(self._tmp.name) / "state"
         self.hypervisor.on_vm_removed.append(self._on_removed)
 
     async def __aenter__(self) -> LabFleet:
@@ -90,7 +107,7 @@ class LabFleet:
         await self.close()
 
     def _config(self, vm: LabVM) -> AgentConfig:
-        cfg = agent_config(vm, self.heartbeat)
+        cfg = agent_config(vm, self.heartbeat, state_root=self.state_root, gateway=self.gateway)
         if self.config_overrides:
             data = cfg.to_json()
             data.update(self.config_overrides)
@@ -144,8 +161,9 @@ class LabFleet:
                     raise FileNotFoundError("VM stopped")
                 return await vm.open_guest()
 
-        agent.link = SerialLink(cfg, opener)
-        agent.task = asyncio.ensure_future(agent.link.run())
+        agent.agent = Agent(cfg, opener)
+        agent.link = agent.agent.serial
+        agent.task = asyncio.ensure_future(agent.agent.run())
         return agent
 
     async def stop_agent(self, uuid: str) -> None:
