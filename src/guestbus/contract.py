@@ -87,11 +87,17 @@ HEADER_ERROR_CODE: Final = "GB-Error-Code"
 RPC_HELLO: Final = "hello"
 RPC_HEARTBEAT: Final = "heartbeat"
 RPC_REPORT: Final = "report"
+RPC_ENROLL: Final = "enroll"
+"""A guest's first certificate or a clone's new identity (serial link only)."""
+RPC_RENEW: Final = "renew"
+"""A guest renews its certificate over whichever link is up."""
 
 # Host-initiated commands the agent may serve (gb.guest.<vm>.<method>), each allow-listed.
 CMD_PING: Final = "ping"
 CMD_INFO: Final = "info"
 CMD_ALLOWED: Final = "allowed"
+CMD_RENEW: Final = "renew"
+"""Ask the agent to renew its certificate now."""
 
 # --- errors -------------------------------------------------------------------------------
 
@@ -304,3 +310,344 @@ LEASE_TTL_SECONDS = 15.0
 
 OBJ_ISOS = "gb_isos"
 """Object store: built per-VM ISO images."""
+
+
+# --- certificates ---
+# The cluster CA (service cert-authority, docs/pki.md): micro endpoints ``gb.ca.<endpoint>``
+# in queue group ``cert-authority``, audit events ``gb.evt.cert.<vm uuid or server name>``,
+# CRL announcements ``gb.evt.crl.<ca-id>``, state in KV bucket ``gb_certs``.
+
+CA_PREFIX: Final = "gb.ca"
+"""Endpoints of the cert-authority service: ``gb.ca.<endpoint>``."""
+CA_QUEUE: Final = "cert-authority"
+"""Queue group of the cert-authority replicas."""
+CA_ISSUE: Final = "issue"
+CA_RENEW: Final = "renew"
+CA_SERVER: Final = "server"
+CA_REVOKE: Final = "revoke"
+CA_CRL: Final = "crl"
+CA_INFO: Final = "info"
+CA_LIST: Final = "list"
+CA_GET: Final = "get"
+CA_ENDPOINTS: Final = (CA_ISSUE, CA_RENEW, CA_SERVER, CA_REVOKE, CA_CRL, CA_INFO, CA_LIST, CA_GET)
+
+
+def ca_subject(endpoint: str) -> str:
+    """``gb.ca.<endpoint>``: a cert-authority endpoint."""
+    return f"{CA_PREFIX}.{_token(endpoint, 'endpoint')}"
+
+
+EVT_CERT: Final = "cert"
+"""Certificate issued / renewed / revoked: ``gb.evt.cert.<vm uuid or server name>``
+(:class:`CertEvent`)."""
+EVT_CRL: Final = "crl"
+"""A new CRL was signed: ``gb.evt.crl.<ca-id>`` (:class:`CrlEvent`); ``<ca-id>`` is the first
+16 hex digits of the CA certificate's SHA-256 fingerprint. Subscribe to ``gb.evt.crl.*``."""
+
+# Keys in KV bucket gb_certs (KV_CERTS).
+CERTS_KEY_CA_CERT: Final = "ca.cert"
+"""The CA certificate (PEM)."""
+CERTS_KEY_CA_KEY: Final = "ca.key"
+"""The CA private key: PKCS#8 PEM encrypted with the CA passphrase."""
+CERTS_KEY_CRL: Final = "crl"
+"""The current CRL (:class:`CrlState` JSON); its CRL number only grows (compare-and-set)."""
+CERTS_PREFIX_RECORD: Final = "cert."
+"""``cert.<serial>``: one :class:`CertRecord` per certificate ever issued."""
+CERTS_PREFIX_PEM: Final = "pem."
+"""``pem.<serial>``: the certificate itself (PEM)."""
+CERTS_PREFIX_VM: Final = "vm."
+"""``vm.<uuid>``: a VM's newest certificates, newest last (:class:`VmCertIndex`)."""
+
+# Error codes of the cert-authority besides those in guestbus.wire.errors.
+ERROR_BAD_CSR: Final = "bad_csr"
+"""The CSR is unparsable, its signature does not verify, or its key is outside the policy."""
+ERROR_CA_UNAVAILABLE: Final = "ca_unavailable"
+"""The CA cannot sign right now (its state in JetStream is unreachable); retry later."""
+ERROR_NOT_FOUND: Final = "not_found"
+"""No certificate with that serial (or no certificate for that VM)."""
+
+Pem = Annotated[str, StringConstraints(max_length=16384)]
+SerialText = Annotated[
+    str,
+    StringConstraints(pattern=r"^(0[xX])?[0-9a-fA-F:]{1,64}$", strip_whitespace=True),
+]
+ServerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class CertKind(StrEnum):
+    VM = "vm"
+    SERVER = "server"
+
+
+class CertState(StrEnum):
+    """``valid`` and ``revoked`` are stored; ``expired`` is computed from ``not_after``."""
+
+    VALID = "valid"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class RevocationReason(StrEnum):
+    """CRL reason codes accepted by ``gb.ca.revoke`` (names as RFC 5280 / cryptography's
+    ``x509.ReasonFlags``)."""
+
+    KEY_COMPROMISE = "keyCompromise"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"
+    AFFILIATION_CHANGED = "affiliationChanged"
+    UNSPECIFIED = "unspecified"
+
+
+class CertAction(StrEnum):
+    ISSUED = "issued"
+    RENEWED = "renewed"
+    REVOKED = "revoked"
+
+
+class CertIssueRequest(_Model):
+    """``gb.ca.issue`` / ``gb.ca.renew``: sign a VM's CSR."""
+
+    csr: Pem = Field(
+        description="PEM CSR; only its public key is used (EC P-256/P-384, RSA ≥ 2048)."
+    )
+    vm: Uuid = Field(description="The VM the certificate is for (subject CN, URI SAN).")
+    stamped_vm: Uuid | None = Field(
+        default=None,
+        description="The VM the link terminator stamped when the request came from a guest; "
+        "vm and the CSR's CN / URI SAN must equal it.",
+    )
+    lifetime_seconds: int | None = Field(
+        default=None, ge=1, description="Shorter lifetime than the configured maximum."
+    )
+
+
+class CertReply(_Model):
+    """A VM certificate just issued (``gb.ca.issue`` / ``gb.ca.renew``)."""
+
+    serial: str = Field(description="Serial number, lower-case hex.")
+    vm: Uuid
+    certificate: str = Field(description="The certificate (PEM).")
+    ca: str = Field(description="The CA certificate (PEM) that signed it.")
+    not_before: datetime
+    not_after: datetime
+    renewal_of: str | None = Field(
+        default=None, description="Serial of the VM's certificate this one renews (still valid)."
+    )
+
+
+class ServerCertRequest(_Model):
+    """``gb.ca.server``: a TLS server certificate (the gateway on 2074)."""
+
+    csr: Pem
+    name: ServerName = Field(description="Server name (subject CN, event subject token).")
+    dns: list[Annotated[str, StringConstraints(max_length=253)]] = Field(
+        default_factory=list, max_length=100
+    )
+    ips: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=100
+    )
+    lifetime_seconds: int | None = Field(default=None, ge=1)
+
+
+class ServerCertReply(_Model):
+    serial: str
+    name: str
+    certificate: str
+    ca: str
+    not_before: datetime
+    not_after: datetime
+    dns: list[str]
+    ips: list[str]
+
+
+class RevokeRequest(_Model):
+    """``gb.ca.revoke``: one certificate by ``serial``, or every valid one of ``vm``."""
+
+    serial: SerialText | None = None
+    vm: Uuid | None = None
+    reason: RevocationReason = RevocationReason.UNSPECIFIED
+    comment: str | None = Field(default=None, max_length=512)
+
+
+class RevokeReply(_Model):
+    revoked: list[str] = Field(description="Serials revoked by this request.")
+    already_revoked: list[str] = Field(default_factory=list)
+    reason: RevocationReason
+    crl_number: int
+    crl_next_update: datetime
+
+
+class CertRecord(_Model):
+    """One certificate (KV ``gb_certs``, key ``cert.<serial>``). Stored ``state`` is
+    ``valid`` or ``revoked``; replies show ``expired`` once ``not_after`` has passed."""
+
+    serial: str
+    kind: CertKind
+    vm: Uuid | None = None
+    name: str | None = None
+    subject: str
+    not_before: datetime
+    not_after: datetime
+    state: CertState = CertState.VALID
+    issued_at: datetime
+    renewal_of: str | None = None
+    revoked_at: datetime | None = None
+    reason: RevocationReason | None = None
+    comment: str | None = None
+    fingerprint: str = Field(description="SHA-256 of the DER certificate, hex.")
+
+    def effective_state(self, now: datetime | None = None) -> CertState:
+        if self.state is CertState.REVOKED:
+            return CertState.REVOKED
+        if self.not_after <= (now or utcnow()):
+            return CertState.EXPIRED
+        return CertState.VALID
+
+
+class VmCertEntry(_Model):
+    serial: str
+    not_after: datetime
+    revoked: bool = False
+
+
+class VmCertIndex(_Model):
+    """KV ``vm.<uuid>``: the VM's newest certificates, newest last (bounded). Lets a renewal
+    find the certificate it renews with one read; the records stay authoritative."""
+
+    certificates: list[VmCertEntry] = Field(default_factory=list)
+
+    def current(self, now: datetime) -> str | None:
+        """Serial of the newest certificate that is neither revoked nor expired."""
+        for entry in reversed(self.certificates):
+            if not entry.revoked and entry.not_after > now:
+                return entry.serial
+        return None
+
+
+class CertListRequest(_Model):
+    """``gb.ca.list``: filters combine (AND); sorted by ``not_after``, soonest first."""
+
+    expiring_within_seconds: int | None = Field(
+        default=None, ge=0, description="Valid certificates whose not_after is within this."
+    )
+    state: CertState | None = None
+    vm: Uuid | None = None
+    kind: CertKind | None = None
+    limit: int = Field(default=1000, ge=1, le=2000)
+    offset: int = Field(default=0, ge=0)
+
+
+class CertListReply(_Model):
+    certificates: list[CertRecord]
+    total: int = Field(description="Matching certificates (before limit/offset).")
+    truncated: bool
+
+
+class CertGetRequest(_Model):
+    serial: SerialText
+
+
+class CertGetReply(_Model):
+    record: CertRecord
+    certificate: str | None = Field(description="PEM, when still stored.")
+
+
+class RevokedEntry(_Model):
+    serial: str
+    reason: RevocationReason | None = None
+    revoked_at: datetime
+    not_after: datetime = Field(description="When the certificate expires (then leaves the CRL).")
+
+
+class CrlState(_Model):
+    """KV ``crl``: the current CRL."""
+
+    number: int = Field(ge=1)
+    this_update: datetime
+    next_update: datetime
+    crl: str = Field(description="The CRL (PEM), signed by the CA.")
+    revoked: list[RevokedEntry] = Field(default_factory=list)
+
+
+class CrlReply(_Model):
+    """``gb.ca.crl``: the current CRL and what it revokes (unexpired revoked certificates)."""
+
+    number: int
+    this_update: datetime
+    next_update: datetime
+    crl: str
+    revoked: list[RevokedEntry]
+
+
+class CertCounts(_Model):
+    valid: int = 0
+    revoked: int = 0
+    expired: int = 0
+
+
+class CaInfo(_Model):
+    """``gb.ca.info``."""
+
+    certificate: str = Field(description="The CA certificate (PEM).")
+    fingerprint: str = Field(description="SHA-256 of the CA certificate (hex).")
+    ca_id: str = Field(description="First 16 hex digits of the fingerprint (CRL event subject).")
+    subject: str
+    not_before: datetime
+    not_after: datetime
+    trust_domain: str
+    vm_cert_lifetime_seconds: int
+    server_cert_lifetime_seconds: int
+    compat_1000_days: bool
+    crl_number: int | None
+    crl_next_update: datetime | None
+    counts: CertCounts
+    counts_by_kind: dict[str, CertCounts]
+
+
+class CertEvent(_Model):
+    """Audit event on ``gb.evt.cert.<vm uuid or server name>``."""
+
+    action: CertAction
+    serial: str
+    kind: CertKind
+    vm: Uuid | None = None
+    name: str | None = None
+    not_after: datetime
+    renewal_of: str | None = None
+    reason: RevocationReason | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class CrlEvent(_Model):
+    """A new CRL, on ``gb.evt.crl.<ca-id>``."""
+
+    number: int
+    this_update: datetime
+    next_update: datetime
+    revoked_count: int
+    crl: str = Field(description="The CRL (PEM).")
+    ca_fingerprint: str
+    at: datetime = Field(default_factory=utcnow)
+
+
+SCHEMA_MODELS.update(
+    {
+        "cert-issue-request": CertIssueRequest,
+        "cert-reply": CertReply,
+        "server-cert-request": ServerCertRequest,
+        "server-cert-reply": ServerCertReply,
+        "cert-revoke-request": RevokeRequest,
+        "cert-revoke-reply": RevokeReply,
+        "cert-record": CertRecord,
+        "cert-list-request": CertListRequest,
+        "cert-list-reply": CertListReply,
+        "cert-get-request": CertGetRequest,
+        "cert-get-reply": CertGetReply,
+        "crl-state": CrlState,
+        "cert-vm-index": VmCertIndex,
+        "crl-reply": CrlReply,
+        "ca-info": CaInfo,
+        "cert-event": CertEvent,
+        "crl-event": CrlEvent,
+    }
+)

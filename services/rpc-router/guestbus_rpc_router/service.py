@@ -8,15 +8,22 @@ link terminator stamped in the ``GB-VM`` header, never one the guest names in it
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from guestbus.contract import (
+    CA_ISSUE,
+    CA_RENEW,
     EVT_LINK,
     EVT_VM,
     HEADER_HOST,
@@ -24,10 +31,13 @@ from guestbus.contract import (
     HEADER_VM,
     HEADER_VM_NAME,
     KV_VMS,
+    RPC_ENROLL,
     RPC_HEARTBEAT,
     RPC_HELLO,
     RPC_QUEUE,
+    RPC_RENEW,
     RPC_REPORT,
+    CertIssueRequest,
     GuestInfo,
     Heartbeat,
     HeartbeatAck,
@@ -39,6 +49,7 @@ from guestbus.contract import (
     ReportAck,
     VmEvent,
     VmRecord,
+    ca_subject,
     evt_subject,
     rpc_subject,
 )
@@ -47,6 +58,7 @@ from guestbus.runtime import BusError, BusService, ServiceContext, ServiceSettin
 from guestbus.wire import PROTOCOL_VERSION, errors
 
 from . import __version__
+from .gateway import Gateway
 
 
 class RouterSettings(ServiceSettings):
@@ -57,6 +69,49 @@ class RouterSettings(ServiceSettings):
         default=30.0, gt=0, description="A VM without heartbeat for this long is marked down (s)."
     )
     sweep_interval: float = Field(default=5.0, gt=0, description="How often to look (s).")
+    tls_port: int = Field(
+        default=2074, ge=0, le=65535, description="TLS gateway port (the IP fallback); 0: off."
+    )
+    tls_host: str = Field(default="0.0.0.0", description="Address the TLS gateway binds.")
+    tls_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra DNS names in the gateway's certificate."
+    )
+    tls_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra IP addresses in the gateway's certificate."
+    )
+    tls_cert_file: str | None = Field(
+        default=None, description="Server certificate file (else one from cert-authority)."
+    )
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    gateway_name: str = Field(
+        default_factory=lambda: (
+            re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "gateway"
+        ),
+        description="Name of this gateway (certificate CN, GB-Host of its links).",
+    )
+    trust_domain: str = Field(default="guestbus.local", description="SPIFFE trust domain.")
+    gateway_rpc_timeout: float = Field(default=5.0, gt=0)
+    gateway_command_timeout: float = Field(default=10.0, gt=0)
+    gateway_rate_limit: float = Field(default=50.0, gt=0)
+    gateway_rate_burst: int = Field(default=200, ge=1)
+
+    @field_validator("tls_dns", "tls_ips", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _files_together(self) -> RouterSettings:
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(files) and not all(files):
+            raise ValueError(
+                "GUESTBUS_TLS_CERT_FILE, GUESTBUS_TLS_KEY_FILE and GUESTBUS_TLS_CA_FILE go "
+                "together (or none: the gateway then asks the cert-authority)"
+            )
+        return self
 
 
 class Stamp(BaseModel):
@@ -160,8 +215,32 @@ class RpcRouter(BusService):
             queue_group=RPC_QUEUE,
             concurrency=64,
         )
+        await ctx.add_endpoint(
+            RPC_ENROLL,
+            self.enroll,
+            subject=rpc_subject(RPC_ENROLL),
+            description="A guest's first certificate, or a clone's new identity (serial only).",
+            queue_group=RPC_QUEUE,
+            concurrency=16,
+        )
+        await ctx.add_endpoint(
+            RPC_RENEW,
+            self.renew,
+            subject=rpc_subject(RPC_RENEW),
+            description="A guest renews its certificate (any link; expired: serial only).",
+            queue_group=RPC_QUEUE,
+            concurrency=16,
+        )
         await ctx.subscribe(f"gb.evt.{EVT_LINK}.*", self.on_link_event, queue=RPC_QUEUE)
+        self.gateway: Gateway | None = None
+        if self.settings.tls_port:
+            self.gateway = Gateway(ctx, self.settings)
+            await self.gateway.start()
         ctx.spawn(self.sweep_forever(), name="registry-sweep")
+
+    async def teardown(self, ctx: ServiceContext) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
 
     # --- handlers ------------------------------------------------------------------------
 
@@ -192,6 +271,10 @@ class RpcRouter(BusService):
     async def hello(self, request: Request) -> bytes:
         stamp = stamp_of(request)
         hello = parse(Hello, request.data)
+        if stamp.link is LinkKind.IP and hello.vm is not None and hello.vm != stamp.vm:
+            # Over IP the certificate is the identity: a different claim is not a clone
+            # (clones re-enroll over serial), it is a VM pretending to be another.
+            self._refuse_claim(RPC_HELLO, stamp, hello.vm)
         now = datetime.now(UTC)
 
         def update(rec: VmRecord) -> VmRecord:
@@ -252,6 +335,27 @@ class RpcRouter(BusService):
         await self.registry.change(stamp.vm, update)
         self.guest_rpcs.labels(RPC_HEARTBEAT, stamp.link.value).inc()
         return HeartbeatAck(seq=beat.seq, server_time=now).model_dump_json().encode()
+
+    async def _certificate(self, request: Request, endpoint: str) -> bytes:
+        stamp = stamp_of(request)
+        body = parse(GuestCertRequest, request.data)
+        self._refuse_claim(endpoint, stamp, body.vm)
+        issue = CertIssueRequest(csr=body.csr, vm=stamp.vm, stamped_vm=stamp.vm)
+        return await _ca_call(self.ctx, endpoint, issue.model_dump_json().encode())
+
+    async def enroll(self, request: Request) -> bytes:
+        stamp = stamp_of(request)
+        if stamp.link is not LinkKind.SERIAL:
+            raise BusError(
+                errors.NOT_ALLOWED,
+                "enrollment needs the serial link, where the hypervisor vouches for the VM; "
+                "over IP only renewal of a valid certificate is possible",
+                status=403,
+            )
+        return await self._certificate(request, CA_ISSUE)
+
+    async def renew(self, request: Request) -> bytes:
+        return await self._certificate(request, CA_RENEW)
 
     async def report(self, request: Request) -> bytes:
         stamp = stamp_of(request)
@@ -337,3 +441,23 @@ class RpcRouter(BusService):
 
     async def _publish(self, subject: str, event: BaseModel) -> None:
         await self.ctx.nc.publish(subject, event.model_dump_json().encode())
+
+
+class GuestCertRequest(BaseModel):
+    """What an agent sends to ``enroll`` / ``renew``: a CSR made in the guest."""
+
+    csr: str = Field(max_length=16384)
+    vm: str | None = None
+
+
+async def _ca_call(ctx: ServiceContext, endpoint: str, body: bytes) -> bytes:
+    try:
+        msg = await ctx.nc.request(ca_subject(endpoint), body, timeout=10)
+    except NoRespondersError:
+        raise BusError("ca_unavailable", "no cert-authority is running; retry later", 503) from None
+    except NatsTimeout:
+        raise BusError("ca_unavailable", "the cert-authority did not answer in time", 504) from None
+    err = BusError.from_reply(msg.headers, msg.data)
+    if err is not None:
+        raise err
+    return msg.data
