@@ -16,6 +16,7 @@ COMMANDS = (
     "guestbus.cli.guest",
     "guestbus.cli.bus",
     "guestbus.cli.vm",
+    "guestbus.cli.cert",
     "guestbus.cli.schemas",
 )
 

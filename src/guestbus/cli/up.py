@@ -52,10 +52,10 @@ class ServiceEntry:
 
 
 SERVICES: list[ServiceEntry] = [
+    ServiceEntry("cert-authority", "guestbus_cert_authority.main", 9102),
     ServiceEntry("rpc-router", "guestbus_rpc_router.main", 9101),
     ServiceEntry("serial-bridge", "guestbus_serial_bridge.main", 9100),
-    # Added as they are built (their issues): cert-authority 9102, iso-builder 9103,
-    # dr-orchestrator 9104.
+    # Added as they are built (their issues): iso-builder 9103, dr-orchestrator 9104.
 ]
 """Services started by ``guestbus up``, in order."""
 
