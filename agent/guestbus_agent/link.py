@@ -211,10 +211,10 @@ class Link:
             # Phase 2: heartbeat until the host stops answering or asks for a new hello.
             failures = 0
             while not self._rehello.is_set():
+                # ±10 % jitter: links that came up together must not beat together forever.
+                interval = self.config.heartbeat_interval * self.rng.uniform(0.9, 1.1)
                 try:
-                    await asyncio.wait_for(
-                        self._rehello.wait(), timeout=self.config.heartbeat_interval
-                    )
+                    await asyncio.wait_for(self._rehello.wait(), timeout=interval)
                     break
                 except asyncio.TimeoutError:
                     pass

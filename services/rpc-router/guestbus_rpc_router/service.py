@@ -8,6 +8,7 @@ link terminator stamped in the ``GB-VM`` header, never one the guest names in it
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import time
@@ -168,6 +169,8 @@ class RpcRouter(BusService):
         self.ctx = ctx
         self.settings = ctx.settings_as(RouterSettings)
         self.registry = Registry(await ctx.js.key_value(KV_VMS))
+        self._beats: dict[str, tuple[datetime, Stamp, Heartbeat]] = {}
+        self._beat_tasks: set[asyncio.Task[None]] = set()
         self.refused = Counter(
             "guestbus_identity_refusals_total",
             "Guest payloads refused because they claimed another VM than the stamped one.",
@@ -239,6 +242,8 @@ class RpcRouter(BusService):
         ctx.spawn(self.sweep_forever(), name="registry-sweep")
 
     async def teardown(self, ctx: ServiceContext) -> None:
+        if self._beat_tasks:  # heartbeats already answered are recorded before we exit
+            await asyncio.wait(set(self._beat_tasks), timeout=10)
         if self.gateway is not None:
             await self.gateway.stop()
 
@@ -319,22 +324,27 @@ class RpcRouter(BusService):
         beat = parse(Heartbeat, request.data)
         self._refuse_claim(RPC_HEARTBEAT, stamp, beat.vm)
         now = datetime.now(UTC)
-
-        def update(rec: VmRecord) -> VmRecord:
-            changes: dict[str, object] = {
-                "last_heartbeat": now,
-                "link": stamp.link,
-                "host": stamp.host,
-            }
-            if beat.config_uuid:
-                changes["config_uuid"] = beat.config_uuid
-            if stamp.name:
-                changes["name"] = stamp.name
-            return rec.model_copy(update=changes)
-
-        await self.registry.change(stamp.vm, update)
+        # Answer at once and record the beat behind the reply: the registry write (a KV read
+        # and a compare-and-set) would otherwise double the guest's round trip. Beats of one
+        # VM that arrive while its write runs are coalesced into the next write.
+        first = stamp.vm not in self._beats
+        self._beats[stamp.vm] = (now, stamp, beat)
+        if first:
+            task = asyncio.ensure_future(self._record_beats(stamp.vm))
+            self._beat_tasks.add(task)
+            task.add_done_callback(self._beat_tasks.discard)
         self.guest_rpcs.labels(RPC_HEARTBEAT, stamp.link.value).inc()
         return HeartbeatAck(seq=beat.seq, server_time=now).model_dump_json().encode()
+
+    async def _record_beats(self, vm: str) -> None:
+        while vm in self._beats:
+            pending = self._beats[vm]
+            try:
+                await self.registry.change(vm, functools.partial(_beat_update, *pending))
+            except Exception:
+                self.ctx.log.exception("recording a heartbeat of VM %s failed", vm)
+            if self._beats.get(vm) is pending:
+                del self._beats[vm]
 
     async def _certificate(self, request: Request, endpoint: str) -> bytes:
         stamp = stamp_of(request)
@@ -441,6 +451,15 @@ class RpcRouter(BusService):
 
     async def _publish(self, subject: str, event: BaseModel) -> None:
         await self.ctx.nc.publish(subject, event.model_dump_json().encode())
+
+
+def _beat_update(now: datetime, stamp: Stamp, beat: Heartbeat, rec: VmRecord) -> VmRecord:
+    changes: dict[str, object] = {"last_heartbeat": now, "link": stamp.link, "host": stamp.host}
+    if beat.config_uuid:
+        changes["config_uuid"] = beat.config_uuid
+    if stamp.name:
+        changes["name"] = stamp.name
+    return rec.model_copy(update=changes)
 
 
 class GuestCertRequest(BaseModel):
