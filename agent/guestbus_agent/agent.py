@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from guestbus.wire.aio import RemoteError
+from guestbus.wire.aio import LinkClosed, RemoteError
 
 from .commands import Commands
 from .config import AgentConfig, write_state_config
@@ -37,8 +37,10 @@ class Agent:
         serial_opener: Opener,
         ip_opener: Optional[Opener] = None,
         rng: Optional[random.Random] = None,
+        certificates: bool = True,
     ) -> None:
         self.config = config
+        self.certificates = certificates
         self.rng = rng or random.Random()
         self.identity = Identity(Path(config.state_dir))
         self.commands = Commands(
@@ -102,8 +104,9 @@ class Agent:
         tasks = [
             asyncio.ensure_future(self.serial.run()),
             asyncio.ensure_future(self._supervise_ip()),
-            asyncio.ensure_future(self._identity_loop()),
         ]
+        if self.certificates:
+            tasks.append(asyncio.ensure_future(self._identity_loop()))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -211,7 +214,7 @@ class Agent:
                 try:
                     await self._enroll(link)
                     backoff.reset()
-                except (RemoteError, IdentityError, OSError) as exc:
+                except (RemoteError, LinkClosed, IdentityError, OSError) as exc:
                     log.warning("enrollment failed (%s); retrying", exc)
                     await asyncio.sleep(backoff.next())
                 continue
@@ -237,7 +240,7 @@ class Agent:
                 result = await self._renew(info.expired())
                 backoff.reset()
                 self._resolve_renewal(result=result)
-            except (RemoteError, IdentityError, OSError) as exc:
+            except (RemoteError, LinkClosed, IdentityError, OSError) as exc:
                 log.warning("certificate renewal failed (%s); retrying with backoff", exc)
                 self._resolve_renewal(error=exc)
                 retry = min(backoff.next(), max(1.0, info.lifetime / 20))
@@ -320,7 +323,7 @@ class Agent:
         self._renew_now.set()
         try:
             return await fut
-        except (IdentityError, OSError) as exc:
+        except (IdentityError, LinkClosed, OSError) as exc:
             raise RemoteError("unavailable", f"renewal failed: {exc}") from None
 
     def status(self) -> Dict[str, Any]:

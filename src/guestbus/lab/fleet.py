@@ -84,7 +84,9 @@ class LabFleet:
         config_overrides: dict[str, object] | None = None,
         gateway: tuple[str, int] = ("127.0.0.1", 2074),
         state_root: Path | None = None,
+        certificates: bool = True,
     ) -> None:
+        self.certificates = certificates
         if agents == "processes" and mode != "pty":
             raise ValueError("separate agent processes need pty mode (they open a device)")
         self.hypervisor = LabHypervisor(socket_dir, mode=mode)
@@ -161,7 +163,7 @@ class LabFleet:
                     raise FileNotFoundError("VM stopped")
                 return await vm.open_guest()
 
-        agent.agent = Agent(cfg, opener)
+        agent.agent = Agent(cfg, opener, certificates=self.certificates)
         agent.link = agent.agent.serial
         agent.task = asyncio.ensure_future(agent.agent.run())
         return agent
