@@ -12,8 +12,9 @@ import asyncio
 import weakref
 from collections.abc import Callable
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from guestbus.contract import VmRecord
 
@@ -23,9 +24,7 @@ Mutator = Callable[[VmRecord], VmRecord | None]
 class Registry:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _lock(self, uuid: str) -> asyncio.Lock:
         lock = self._locks.get(uuid)
@@ -75,17 +74,34 @@ class Registry:
     async def all(self) -> list[VmRecord]:
         """A snapshot of every record (one watch, no per-key round trips).
 
-        Changes made while the watch delivers its initial values come before its end marker
-        too, so a busy key can arrive more than once: the last (newest) value wins.
+        While entries change, the watch's initial values (one per key) can list a key twice
+        (old value, then new) or skip one whose new value only follows the end-of-initial-
+        values marker. So the newest value of each key wins, deletes remove it, and reading
+        goes on past the marker up to the bucket's last sequence at that moment.
         """
         latest: dict[str, VmRecord] = {}
-        watcher = await self.kv.watchall(ignore_deletes=True, include_history=False)
+        newest = 0
+        end: int | None = None
+        watcher = await self.kv.watchall(include_history=False)
         try:
-            async for entry in watcher:
-                if entry is None:
+            while end is None or newest < end:
+                try:  # after the marker: if the last message is gone, nothing newer is missing
+                    entry = await watcher.updates(  # type: ignore[no-untyped-call]
+                        timeout=None if end is None else 2.0
+                    )
+                except NatsTimeoutError:
                     break
-                if entry.value:
+                if entry is None:
+                    state = (await self.kv.status()).stream_info.state
+                    end = state.last_seq if state.messages else 0
+                    continue
+                if not isinstance(entry, KeyValue.Entry):  # the watcher stopped
+                    break
+                newest = max(newest, entry.revision or 0)
+                if entry.value and entry.operation not in (KV_DEL, KV_PURGE):
                     latest[entry.key] = VmRecord.model_validate_json(entry.value)
+                else:
+                    latest.pop(entry.key, None)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(latest.values(), key=lambda r: ((r.name or "~"), r.uuid))

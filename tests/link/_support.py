@@ -356,10 +356,9 @@ class BridgeProcess:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 15
-        while self.proc.poll() is None and loop.time() < end:
-            await asyncio.sleep(0.05)
+        proc = self.proc
+        with contextlib.suppress(AssertionError):
+            await wait_until(lambda: proc.poll() is not None, 15, "serial-bridge to exit")
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
@@ -434,6 +433,7 @@ class LinkStack:
                 heartbeat_interval=self.heartbeat,
                 down_grace=self.down_grace,
                 sweep_interval=self.sweep_interval,
+                tls_port=0,  # the serial link only: no TLS gateway (IP fallback) here
                 shutdown_timeout=5.0,
             ),
         )
