@@ -212,7 +212,17 @@ def add_parser(sub: Any) -> None:
     add_nats_option(p)
     p.set_defaults(func=run_revoke)
 
-    # hook: `guestbus cert renew <vm>` is added by the agent-renewal work (see module doc)
+    p = actions.add_parser(
+        "renew",
+        help="ask a VM's agent to renew its certificate now (over its active link)",
+        description="Ask the agent inside a VM to renew its certificate now: it makes a new "
+        "key in the guest, sends a CSR over its link and installs the new certificate.",
+    )
+    p.add_argument("vm", help="VM uuid, name, or unique uuid prefix")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    add_nats_option(p)
+    p.set_defaults(func=run_renew)
+
     for hook in CERT_COMMAND_HOOKS:
         hook(actions)
 
@@ -493,3 +503,19 @@ def _write_file(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def run_renew(args: argparse.Namespace) -> int:
+    from guestbus.cli.common import resolve_vm, with_bus
+    from guestbus.cli.guest import command
+
+    async def work(nc: Any) -> int:
+        rec = await resolve_vm(nc, args.vm)
+        result, rtt = await command(nc, rec.uuid, "renew", {}, args.timeout)
+        print(
+            f"renewed: VM {rec.name or rec.uuid} has certificate {result.get('serial')} "
+            f"until {result.get('not_after')} (over {result.get('link')}, {rtt:.2f}s)"
+        )
+        return 0
+
+    return run_async(with_bus(args, work))
