@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
@@ -12,6 +13,7 @@ import nats
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from pydantic import BaseModel
 
@@ -81,7 +83,22 @@ class CaEnv:
         host = ServiceHost(CertAuthority(), self.settings(**overrides))
         self.hosts.append(host)
         await host.start()
+        await self._wait_serving()
         return host
+
+    async def _wait_serving(self, timeout: float = 5.0) -> None:
+        """The test's own connection sees the CA's endpoints (rarely, the very first request
+        after start still met no responders on this 2-core machine)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            try:
+                await self.nc.request("gb.ca.info", b"{}", timeout=1)
+                return
+            except NoRespondersError:
+                if loop.time() > end:
+                    raise
+                await asyncio.sleep(0.02)
 
     async def stop_host(self, host: ServiceHost) -> None:
         await host.stop()

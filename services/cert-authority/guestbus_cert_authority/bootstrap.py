@@ -154,8 +154,11 @@ async def load_or_create_ca(
 ) -> CaMaterial:
     """Load the cluster CA from KV, creating it if (and only if) the bucket has none."""
     source = resolve_passphrase(settings, log)
-    key_raw, _ = await store.get(CERTS_KEY_CA_KEY)
+    # The creator writes the key before the certificate, so read in the opposite order: a
+    # certificate seen here means its key was already there (no false "key missing" while
+    # another replica is half-way through creating the CA).
     cert_raw, _ = await store.get(CERTS_KEY_CA_CERT)
+    key_raw, _ = await store.get(CERTS_KEY_CA_KEY)
     key: CaKey | None = None
     created = False
     if key_raw is None:
