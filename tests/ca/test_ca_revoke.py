@@ -126,9 +126,12 @@ async def test_list_filters(ca: CaEnv) -> None:
     long_lived = (await ca.issue(vm))["serial"]
     short = (await ca.issue(vm, lifetime_seconds=120))["serial"]
     revoked = (await ca.issue(vm))["serial"]
-    expiring = (await ca.issue(vm, lifetime_seconds=1))["serial"]
+    expiring_reply = await ca.issue(vm, lifetime_seconds=1)
+    expiring = expiring_reply["serial"]
     await ca.call("revoke", {"serial": revoked, "reason": "superseded"})
-    await asyncio.sleep(1.2)  # `expiring` is now past not_after
+    # wait until `expiring` is past its not_after (certificate times have 1 s resolution)
+    not_after = datetime.fromisoformat(expiring_reply["not_after"])
+    await asyncio.sleep(max(0.0, (not_after - datetime.now(UTC)).total_seconds()) + 0.2)
 
     async def serials(**filters: object) -> list[str]:
         reply = await ca.call("list", {"vm": vm, **filters})
