@@ -17,7 +17,7 @@ import random
 import uuid as uuidlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from guestbus.wire.aio import LinkClosed, RemoteError
 
@@ -137,9 +137,21 @@ class Agent:
                         )
                         self._no_cert_logged = True
                     continue
+                self.fallbacks += 1
                 self._start_ip(
                     f"serial link failed {serial.consecutive_failures} times ({serial.last_error})"
                 )
+
+    def _new_ip_link(self) -> Tuple[Link, "asyncio.Task[None]"]:
+        link = Link(
+            self.config,
+            self._ip_opener,
+            self.commands,
+            self.rng,
+            kind="ip",
+            on_change=self._on_change,
+        )
+        return link, asyncio.ensure_future(link.run())
 
     def _start_ip(self, why: str) -> None:
         log.warning(
@@ -148,16 +160,7 @@ class Agent:
             self.config.gateway_host,
             self.config.gateway_port,
         )
-        self.fallbacks += 1
-        self.ip = Link(
-            self.config,
-            self._ip_opener,
-            self.commands,
-            self.rng,
-            kind="ip",
-            on_change=self._on_change,
-        )
-        self._ip_task = asyncio.ensure_future(self.ip.run())
+        self.ip, self._ip_task = self._new_ip_link()
 
     async def _stop_ip(self) -> None:
         task, self._ip_task, self.ip = self._ip_task, None, None
@@ -290,28 +293,43 @@ class Agent:
         info = self.identity.install(
             key_pem, str(result["certificate"]).encode(), str(result["ca"]).encode()
         )
+        answer = {"serial": info.serial, "not_after": info.not_after.isoformat(), "link": link.kind}
         if link.kind == "ip":
-            # Prove the new certificate on a fresh TLS connection before dropping the old.
-            await self._stop_ip()
-            self._start_ip("reconnecting with the renewed certificate")
-            if not await self._wait_ip_active(15.0):
+            # Answer a waiting ``renew`` command now, over the current connection: the
+            # gateway drops that connection once one with the new certificate is accepted.
+            self._resolve_renewal(result=answer)
+            if not await self._prove_ip(15.0):
                 self.identity.rollback()
-                await self._stop_ip()
                 self._wake.set()
                 raise IdentityError("the renewed certificate was refused; kept the previous one")
         self.identity.confirm()
         self.renewals += 1
         log.info("certificate renewed over %s: %s until %s", link.kind, info.serial, info.not_after)
-        return {"serial": info.serial, "not_after": info.not_after.isoformat(), "link": link.kind}
+        return answer
 
-    async def _wait_ip_active(self, timeout: float) -> bool:
+    async def _prove_ip(self, timeout: float) -> bool:
+        """Connect with the renewed certificate beside the current IP link; the new link
+        replaces it once the gateway accepted it. False, and the current link kept, if the
+        new one does not come up in time."""
+        log.info("reconnecting to the gateway with the renewed certificate")
+        new, task = self._new_ip_link()
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while loop.time() < end:
-            if self.ip is not None and self.ip.status.active:
-                return True
-            await asyncio.sleep(0.05)
-        return False
+        try:
+            while not new.status.active:
+                if loop.time() > end:
+                    return False
+                await asyncio.sleep(0.05)
+        finally:
+            if not new.status.active:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        old_task, self.ip, self._ip_task = self._ip_task, new, task
+        if old_task is not None:
+            old_task.cancel()
+            await asyncio.gather(old_task, return_exceptions=True)
+        self._wake.set()  # serial may have returned meanwhile: the supervisor decides
+        return True
 
     async def _cmd_renew(self, params: Dict[str, Any]) -> Dict[str, Any]:
         """Host command ``renew``: renew now and answer with the new certificate's serial."""

@@ -70,6 +70,7 @@ class LinkStatus:
         self.heartbeats_ok = 0
         self.heartbeats_failed = 0
         self.hellos = 0
+        self.hellos_ok = 0
         self.downs = 0
         self.consecutive_failures = 0
         self.last_error: Optional[str] = None
@@ -138,7 +139,7 @@ class Link:
             if waiting_logged:
                 log.info("%s link: opened", self.kind)
             waiting_logged = False
-            open_backoff.reset()
+            hellos_before = self.status.hellos_ok
             channel = Channel(
                 reader,
                 writer,
@@ -164,6 +165,11 @@ class Link:
                 await channel.close()
                 self.channel = None
                 self._set_down("stream closed")
+            if self.status.hellos_ok != hellos_before:
+                # The host answered on this connection. One that closes before answering (a
+                # gateway refusing the certificate) keeps backing off instead of reconnecting
+                # at once, over and over.
+                open_backoff.reset()
             await asyncio.sleep(open_backoff.next())
 
     def _set_down(self, why: str) -> None:
@@ -202,6 +208,7 @@ class Link:
                 await asyncio.sleep(backoff.next())
                 continue
             self.status.hellos += 1
+            self.status.hellos_ok += 1
             backoff.reset()
             self._succeeded()
             self._on_ack(ack)

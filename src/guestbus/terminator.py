@@ -158,6 +158,8 @@ class Terminator:
         self.connects = 0
         self.sub: Subscription | None = None
         self.commands: set[asyncio.Task[None]] = set()
+        self.retiring: set[asyncio.Task[None]] = set()
+        """Command subscriptions of earlier ups, draining."""
         # Host commands in flight by GB-Request-Id, so that a retry joins the running copy.
         self.inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
@@ -198,6 +200,8 @@ class Terminator:
         if channel is not None:
             await channel.close()
         await self.set_down(reason)
+        if self.retiring:
+            await asyncio.wait(set(self.retiring), timeout=self.limits.command_timeout)
         if self.commands:
             await asyncio.wait(set(self.commands), timeout=self.limits.command_timeout)
 
@@ -220,10 +224,23 @@ class Terminator:
         self.up = False
         sub, self.sub = self.sub, None
         if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            retiring = asyncio.ensure_future(self._retire(sub))
+            self.retiring.add(retiring)
+            retiring.add_done_callback(self.retiring.discard)
         self._changed()
         await self._publish_link(LinkState.DOWN, reason)
+
+    @staticmethod
+    async def _retire(sub: Subscription) -> None:
+        """Drain, not unsubscribe: a command the server delivered before it saw our UNSUB is
+        still answered (``no_active_link``) instead of being dropped unanswered, which would
+        leave its caller waiting out its whole timeout. A task of its own, never cancelled
+        half-way: nats-py's PING/PONG bookkeeping does not survive a cancelled flush."""
+        try:
+            await sub.drain()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def _changed(self) -> None:
         if self.on_change is not None:

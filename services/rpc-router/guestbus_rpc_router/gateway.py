@@ -64,12 +64,13 @@ def _reason(exc: BaseException) -> str:
 
 
 def _reason_label(reason: str) -> str:
-    text = reason.lower()
+    text = reason.lower().replace("_", " ")  # OpenSSL reasons: PEER_DID_NOT_RETURN_A_…
     for needle, label in (
         ("expired", "expired"),
         ("revoked", "revoked"),
         ("unknown ca", "foreign_ca"),
         ("unable to get local issuer", "foreign_ca"),
+        ("signature failure", "foreign_ca"),  # another CA under the cluster CA's name
         ("self-signed", "foreign_ca"),
         ("self signed", "foreign_ca"),
         ("peer did not return a certificate", "no_certificate"),
@@ -114,7 +115,9 @@ class Gateway:
             registry=ctx.registry,
         )
         self.ssl_ctx: ssl.SSLContext | None = None
-        self.server: asyncio.AbstractServer | None = None
+        self.listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
         self.terminators: dict[str, Terminator] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.connections: dict[str, tuple[str, asyncio.StreamWriter]] = {}
@@ -131,13 +134,16 @@ class Gateway:
         self.ctx.spawn(self._run(), name="tls-gateway")
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        accepting, self._accepting = self._accepting, None
+        if accepting is not None:
+            accepting.cancel()
+            await asyncio.gather(accepting, return_exceptions=True)
+        if self.listener is not None:
+            self.listener.close()
         for term in list(self.terminators.values()):
             await term.close("gateway stopping")
-        if self.server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 5)
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=5)
         self._tmp.cleanup()
 
     async def _run(self) -> None:
@@ -153,9 +159,7 @@ class Gateway:
         assert self.ssl_ctx is not None
         while True:
             try:
-                self.server = await asyncio.start_server(
-                    self._handle, self.settings.tls_host, self.settings.tls_port, limit=1 << 16
-                )
+                self.listener = _listen(self.settings.tls_host, self.settings.tls_port)
                 break
             except OSError as exc:
                 log.error(
@@ -165,8 +169,8 @@ class Gateway:
                     exc,
                 )
                 await asyncio.sleep(5)
-        sockets: list[Any] = list(self.server.sockets or [])
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.tls_port
+        self.port = self.listener.getsockname()[1]
+        self._accepting = asyncio.ensure_future(self._accept_forever(self.listener))
         log.info("TLS gateway listening", extra={"port": self.port, "gateway": self.name})
         self.ready.set()
         if self.settings.tls_cert_file:
@@ -248,10 +252,43 @@ class Gateway:
             sum(1 for t in self.terminators.values() if t.connected)
         )
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    async def _accept_forever(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. out of file descriptors: do not spin
+                log.warning("TLS gateway accept failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            task = asyncio.ensure_future(self._handle(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _handshake(
+        self, conn: socket.socket
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """TLS server handshake on an accepted socket. Done by the event loop on the raw
+        socket (not ``StreamWriter.start_tls``, which loses a ClientHello that arrived before
+        the upgrade and then hangs), yet its failures are raised here, to be counted."""
+        assert self.ssl_ctx is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 16)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, conn, ssl=self.ssl_ctx, ssl_handshake_timeout=10
+        )
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    async def _handle(self, conn: socket.socket) -> None:
         try:
+            peer = conn.getpeername()
+        except OSError:
+            peer = None
+        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await self._handshake(conn)
             vm, serial, not_after = await self._authenticate(writer)
         except (Refused, ssl.SSLError, OSError, TimeoutError) as exc:
             reason = str(exc) if isinstance(exc, Refused) else _reason(exc)
@@ -262,9 +299,12 @@ class Gateway:
                 reason,
                 extra={"peer": peer_text, "reason": reason},
             )
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if writer is None:
+                conn.close()
+            else:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
             return
         previous = self.connections.get(vm)
         if previous is not None:
@@ -319,8 +359,6 @@ class Gateway:
     async def _authenticate(
         self, writer: asyncio.StreamWriter
     ) -> tuple[str, str, datetime.datetime]:
-        assert self.ssl_ctx is not None
-        await asyncio.wait_for(writer.start_tls(self.ssl_ctx), timeout=10)
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
@@ -360,6 +398,13 @@ class Gateway:
             )
             self.refused.labels("revoked").inc()
             held[1].close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+    listener = socket.create_server((host, port), family=family, backlog=512)
+    listener.setblocking(False)
+    return listener
 
 
 def default_ips() -> list[str]:
