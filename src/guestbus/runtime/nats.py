@@ -58,7 +58,7 @@ def connect_options(settings: ServiceSettings) -> dict[str, Any]:
         opts["password"] = settings.nats_password.get_secret_value()
     if settings.nats_creds is not None:
         try:
-            import nkeys  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+            import nkeys  # type: ignore[import-untyped, import-not-found, unused-ignore]  # noqa: F401
         except ImportError as err:
             raise RuntimeError(
                 "GUESTBUS_NATS_CREDS needs the 'nkeys' package (pip install nkeys)"
