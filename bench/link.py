@@ -567,7 +567,12 @@ async def link_bench(
             },
         )
         fleet = LabFleet(
-            sockdir, mode="socketpair", agents="tasks", heartbeat=3600.0, use_pyserial=False
+            sockdir,
+            mode="socketpair",
+            agents="tasks",
+            heartbeat=3600.0,
+            use_pyserial=False,
+            certificates=False,  # no cert-authority in this benchmark: links only
         )
         # VMs first, agents once the bridge holds every socket: a hello written before the
         # bridge connects is dropped (like QEMU) and would cost an agent its 5 s timeout
@@ -854,6 +859,7 @@ async def soak(children: Children, tmp: Path, opts: Options) -> dict[str, Any]:
                 str(opts.soak_vms),
                 "--heartbeat",
                 str(interval),
+                "--no-certificates",  # no cert-authority here: links only
             ],
             {"PYTHONUNBUFFERED": "1"},
         )

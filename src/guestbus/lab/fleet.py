@@ -232,7 +232,11 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     async with LabFleet(
-        Path(args.dir), mode=args.mode, agents=args.agents, heartbeat=args.heartbeat
+        Path(args.dir),
+        mode=args.mode,
+        agents=args.agents,
+        heartbeat=args.heartbeat,
+        certificates=not args.no_certificates,
     ) as fleet:
         # Stable identities (uuid5 of the index): restarting the demo reuses its VMs.
         vms = []
@@ -262,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval (s)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--quiet", action="store_true", help="print a summary, not every VM")
+    p.add_argument(
+        "--no-certificates",
+        action="store_true",
+        help="agents do not enroll or renew certificates (no cert-authority: links only)",
+    )
     p.add_argument(
         "--xml-dir",
         help="also write a libvirt-style domain XML per VM here (name demo-N), as libvirt "
