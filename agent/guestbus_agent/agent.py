@@ -63,6 +63,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._link_event = asyncio.Event()
         self._renew_now = asyncio.Event()
+        self._reidentified = asyncio.Event()
         self._renewed: Optional[asyncio.Future[Dict[str, Any]]] = None
         self.renewals = 0
         self.enrollments = 0
@@ -192,6 +193,7 @@ class Agent:
             except OSError as exc:
                 log.error("cannot save the new identity's config: %s", exc)
             self._set_config(new)
+            self._reidentified.set()  # the identity loop may be asleep until a renewal
         self._wake.set()
 
     def _needs_enrollment(self) -> bool:
@@ -212,6 +214,7 @@ class Agent:
         due_serial: Optional[str] = None
         due: Optional[datetime.datetime] = None
         while True:
+            self._reidentified.clear()
             if self._needs_enrollment():
                 link = await self._wait_serial()
                 try:
@@ -234,10 +237,9 @@ class Agent:
             assert due is not None
             wait = (due - utcnow()).total_seconds()
             if wait > 0 and not self._renew_now.is_set():
-                try:
-                    await asyncio.wait_for(self._renew_now.wait(), timeout=min(wait, 3600))
-                except asyncio.TimeoutError:
-                    continue
+                await self._sleep_until(min(wait, 3600), self._renew_now, self._reidentified)
+                if not self._renew_now.is_set():
+                    continue  # due now, or a new identity to enroll: look again
             self._renew_now.clear()
             try:
                 result = await self._renew(info.expired())
@@ -248,6 +250,17 @@ class Agent:
                 self._resolve_renewal(error=exc)
                 retry = min(backoff.next(), max(1.0, info.lifetime / 20))
                 due = utcnow() + datetime.timedelta(seconds=retry)
+
+    @staticmethod
+    async def _sleep_until(timeout: float, *events: asyncio.Event) -> None:
+        """Sleep until one of ``events`` is set or ``timeout`` passes."""
+        waiters = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
 
     def _resolve_renewal(
         self, result: Optional[Dict[str, Any]] = None, error: Optional[BaseException] = None

@@ -237,7 +237,7 @@ class Terminator:
         leave its caller waiting out its whole timeout. A task of its own, never cancelled
         half-way: nats-py's PING/PONG bookkeeping does not survive a cancelled flush."""
         try:
-            await sub.drain()
+            await sub.drain()  # type: ignore[no-untyped-call]
         except Exception:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

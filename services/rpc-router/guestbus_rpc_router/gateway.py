@@ -79,6 +79,7 @@ def _reason_label(reason: str) -> str:
         ("does not name a vm", "not_a_vm"),
         ("no record", "unknown_certificate"),
         ("timeout", "timeout"),
+        ("taking longer than", "timeout"),  # the event loop's ssl_handshake_timeout
     ):
         if needle in text:
             return label
