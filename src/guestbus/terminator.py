@@ -55,6 +55,8 @@ log = logging.getLogger("guestbus.link")
 KNOWN_METHODS = frozenset(
     {"ping", "info", "allowed", "renew", "hello", "heartbeat", "report", "enroll"}
 )
+GUEST_RPCS = frozenset({"hello", "heartbeat", "report", "enroll", "renew"})
+"""Guest-initiated RPCs a terminator forwards to ``gb.rpc.<method>`` (rpc-router serves them)."""
 MAX_COMMAND_TIMEOUT = 600.0
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -276,10 +278,15 @@ class Terminator:
             )
 
     async def forward(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            subject = rpc_subject(method)
-        except ValueError:
-            raise RemoteError(errors.UNKNOWN_METHOD, f"no RPC named {method!r}") from None
+        if method not in GUEST_RPCS:
+            # Answer here: a guest asking for something no service offers is not a reason to
+            # touch the bus, and "no responders" would wrongly suggest a service is down.
+            self.metrics.drop("unknown_method")
+            raise RemoteError(
+                errors.UNKNOWN_METHOD,
+                f"no guest RPC named {method!r} (known: {', '.join(sorted(GUEST_RPCS))})",
+            )
+        subject = rpc_subject(method)
         started = time.perf_counter()
         outcome = "ok"
         try:

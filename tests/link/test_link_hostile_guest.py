@@ -261,3 +261,20 @@ async def test_flood_is_rate_limited_counted_and_other_vms_keep_working(
     await wait_until(served_again, 10, "the flooding VM to be served again", 0.2)
     await sub.unsubscribe()
     await assert_others_fine(stack)
+
+
+async def test_unknown_guest_rpc_is_answered_at_the_edge(
+    stack: LinkStack, hostile: tuple[LabVM, HandGuest]
+) -> None:
+    vm, guest = hostile
+    hello = await guest.hello({"vm": vm.uuid})
+    assert hello.ok
+    before = await stack.bridge.metrics()
+    answer = await guest.request("reboot_host", {})
+    # A typed unknown_method naming what exists, not "no service answers" (which would send
+    # an operator looking for a crashed service), and counted by the bridge.
+    assert not answer.ok and answer.code == "unknown_method"
+    assert "heartbeat" in answer.message
+    after = await stack.bridge.metrics()
+    assert drops(after, "unknown_method") - drops(before, "unknown_method") == 1
+    assert (await guest.request("heartbeat", {"seq": 1})).ok
