@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .files import atomic_write
+
 ISO_LABEL = "GUESTBUS"
 ISO_CONFIG_NAME = "config.json"
 DEFAULT_PORT = 2074
@@ -224,13 +226,5 @@ def load(explicit: Optional[Path], state_dir: Optional[Path] = None) -> AgentCon
 def write_state_config(config: AgentConfig) -> Path:
     """Persist a config the agent derived itself (atomically, root-only)."""
     path = Path(config.state_dir) / STATE_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (json.dumps(config.to_json(), indent=2) + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(str(tmp), str(path))
+    atomic_write(path, (json.dumps(config.to_json(), indent=2) + "\n").encode("utf-8"), 0o600)
     return path

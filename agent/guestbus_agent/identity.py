@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .files import atomic_write
+
 CERT_NAME = "client.crt"
 KEY_NAME = "client.key"
 CA_NAME = "ca.pem"
@@ -57,19 +59,6 @@ def renew_at(info: CertInfo, rng: Optional[random.Random] = None) -> datetime.da
     rng = rng or random.Random()
     offset = info.lifetime * (2.0 / 3.0) + rng.uniform(0, info.lifetime * 0.05)
     return info.not_before + datetime.timedelta(seconds=offset)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(str(tmp), mode)
-    os.replace(str(tmp), str(path))
 
 
 class Identity:
@@ -128,9 +117,9 @@ class Identity:
             if path.exists():
                 prev = path.with_name(path.name + ".prev")
                 os.replace(str(path), str(prev))
-        _atomic_write(self.key_path, key_pem, 0o600)
-        _atomic_write(self.cert_path, cert_pem, 0o644)
-        _atomic_write(self.ca_path, ca_pem, 0o644)
+        atomic_write(self.key_path, key_pem, 0o600)
+        atomic_write(self.cert_path, cert_pem, 0o644)
+        atomic_write(self.ca_path, ca_pem, 0o644)
         return info
 
     def confirm(self) -> None:

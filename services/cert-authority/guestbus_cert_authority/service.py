@@ -69,7 +69,7 @@ from guestbus.contract import (
     evt_subject,
 )
 from guestbus.provision import provision
-from guestbus.runtime import BusError, BusService, ServiceContext
+from guestbus.runtime import BusError, BusService, ServiceContext, parse_request
 from guestbus.wire import errors
 
 from . import __version__
@@ -94,19 +94,6 @@ ISSUE_BUCKETS = (
     0.15, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 EXPIRING_WINDOWS = (("7d", 7 * 86400), ("30d", 30 * 86400))
-
-
-def parse(model: type[M], data: bytes) -> M:
-    try:
-        return model.model_validate_json(data or b"{}")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise BusError(
-            errors.BAD_REQUEST,
-            f"invalid {model.__name__} request: {where}: {first['msg']}",
-            details={"errors": len(exc.errors())},
-        ) from None
 
 
 def reply(model: BaseModel) -> bytes:
@@ -284,10 +271,10 @@ class CertAuthority(BusService):
             raise self._refuse(ERROR_BAD_CSR, str(exc)) from None
 
     async def issue(self, request: Request) -> bytes:
-        return await self._issue_vm(parse(CertIssueRequest, request.data), renew=False)
+        return await self._issue_vm(parse_request(CertIssueRequest, request.data), renew=False)
 
     async def renew(self, request: Request) -> bytes:
-        return await self._issue_vm(parse(CertIssueRequest, request.data), renew=True)
+        return await self._issue_vm(parse_request(CertIssueRequest, request.data), renew=True)
 
     async def _issue_vm(self, req: CertIssueRequest, *, renew: bool) -> bytes:
         started = time.perf_counter()
@@ -377,7 +364,7 @@ class CertAuthority(BusService):
 
     async def server(self, request: Request) -> bytes:
         started = time.perf_counter()
-        req = parse(ServerCertRequest, request.data)
+        req = parse_request(ServerCertRequest, request.data)
         try:
             dns = [pki.check_dns_name(d) for d in req.dns]
             ips = [pki.parse_ip(i) for i in req.ips]
@@ -515,7 +502,7 @@ class CertAuthority(BusService):
     # --- revocation and CRL ----------------------------------------------------------------
 
     async def revoke(self, request: Request) -> bytes:
-        req = parse(RevokeRequest, request.data)
+        req = parse_request(RevokeRequest, request.data)
         if (req.serial is None) == (req.vm is None):
             raise BusError(errors.BAD_REQUEST, "give either serial or vm (exactly one) to revoke")
         now = now_s()
@@ -809,7 +796,7 @@ class CertAuthority(BusService):
         )
 
     async def list(self, request: Request) -> bytes:
-        req = parse(CertListRequest, request.data)
+        req = parse_request(CertListRequest, request.data)
         records = await self._refresh_view()
         now = datetime.now(UTC)
         horizon = (
@@ -838,7 +825,7 @@ class CertAuthority(BusService):
         )
 
     async def get(self, request: Request) -> bytes:
-        req = parse(CertGetRequest, request.data)
+        req = parse_request(CertGetRequest, request.data)
         try:
             serial = pki.canonical_serial(req.serial)
         except pki.PkiError as exc:

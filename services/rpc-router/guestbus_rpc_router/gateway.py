@@ -23,8 +23,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Gauge
 
@@ -43,10 +41,11 @@ from guestbus.contract import (
     LinkKind,
     ServerCertReply,
     ServerCertRequest,
-    ca_subject,
 )
 from guestbus.runtime import BusError, ServiceContext
 from guestbus.terminator import LinkLimits, LinkMetrics, Terminator
+
+from .ca_client import ca_call
 
 log = logging.getLogger("guestbus.rpc-router.gateway")
 
@@ -196,14 +195,14 @@ class Gateway:
             ctx = self._context(Path(s.tls_cert_file), Path(s.tls_key_file), Path(s.tls_ca_file))
             self.ssl_ctx = ctx
             return None
-        info = CaInfo.model_validate_json(await self._ca(CA_INFO, b"{}"))
+        info = CaInfo.model_validate_json(await ca_call(self.ctx.nc, CA_INFO, b"{}"))
         key = pki.generate_key()
         dns = list(dict.fromkeys([*s.tls_dns, socket.gethostname(), "localhost"]))
         ips = list(dict.fromkeys([*s.tls_ips, "127.0.0.1"]))
         csr = pki.make_server_csr(key, dns, ips)
         request = ServerCertRequest(csr=csr.decode(), name=self.name, dns=dns, ips=ips)
         reply = ServerCertReply.model_validate_json(
-            await self._ca(CA_SERVER, request.model_dump_json().encode())
+            await ca_call(self.ctx.nc, CA_SERVER, request.model_dump_json().encode())
         )
         tmp = Path(self._tmp.name)
         (tmp / "server.crt").write_text(reply.certificate)
@@ -232,18 +231,6 @@ class Gateway:
         ctx.load_verify_locations(cafile=str(ca))
         ctx.load_cert_chain(str(cert), str(key))
         return ctx
-
-    async def _ca(self, endpoint: str, body: bytes) -> bytes:
-        try:
-            msg = await self.ctx.nc.request(ca_subject(endpoint), body, timeout=10)
-        except NoRespondersError:
-            raise BusError("ca_unavailable", "no cert-authority answers", 503) from None
-        except NatsTimeout:
-            raise BusError("ca_unavailable", "the cert-authority did not answer", 504) from None
-        err = BusError.from_reply(msg.headers, msg.data)
-        if err is not None:
-            raise err
-        return msg.data
 
     # --- connections -----------------------------------------------------------------------
 

@@ -13,10 +13,8 @@ import re
 import socket
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -50,15 +48,22 @@ from guestbus.contract import (
     ReportAck,
     VmEvent,
     VmRecord,
-    ca_subject,
     evt_subject,
     rpc_subject,
 )
 from guestbus.registry import Registry
-from guestbus.runtime import BusError, BusService, ServiceContext, ServiceSettings
+from guestbus.runtime import (
+    BusError,
+    BusService,
+    Handler,
+    ServiceContext,
+    ServiceSettings,
+    parse_request,
+)
 from guestbus.wire import PROTOCOL_VERSION, errors
 
 from . import __version__
+from .ca_client import ca_call
 from .gateway import Gateway
 
 
@@ -149,22 +154,6 @@ def stamp_of(request: Request) -> Stamp:
         raise BusError(errors.BAD_REQUEST, f"bad link stamp: {HEADER_LINK}={link!r}") from None
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse(model: type[M], data: bytes) -> M:
-    try:
-        return model.model_validate_json(data or b"{}")
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        raise BusError(
-            errors.BAD_REQUEST,
-            f"invalid {model.__name__.lower()}: {where}: {first['msg']}",
-            details={"errors": len(exc.errors())},
-        ) from None
-
-
 class RpcRouter(BusService):
     name = "rpc-router"
     version = __version__
@@ -200,46 +189,26 @@ class RpcRouter(BusService):
             ["link"],
             registry=ctx.registry,
         )
-        await ctx.add_endpoint(
-            RPC_HELLO,
-            self.hello,
-            subject=rpc_subject(RPC_HELLO),
-            description="First RPC on every link: registers the VM, returns the stamped identity.",
-            queue_group=RPC_QUEUE,
-            concurrency=64,
-        )
-        await ctx.add_endpoint(
-            RPC_HEARTBEAT,
-            self.heartbeat,
-            subject=rpc_subject(RPC_HEARTBEAT),
-            description="Periodic liveness; refreshes the VM's last heartbeat.",
-            queue_group=RPC_QUEUE,
-            concurrency=64,
-        )
-        await ctx.add_endpoint(
-            RPC_REPORT,
-            self.report,
-            subject=rpc_subject(RPC_REPORT),
-            description="Guest info report (hostname, OS, kernel, interfaces).",
-            queue_group=RPC_QUEUE,
-            concurrency=64,
-        )
-        await ctx.add_endpoint(
-            RPC_ENROLL,
-            self.enroll,
-            subject=rpc_subject(RPC_ENROLL),
-            description="A guest's first certificate, or a clone's new identity (serial only).",
-            queue_group=RPC_QUEUE,
-            concurrency=16,
-        )
-        await ctx.add_endpoint(
-            RPC_RENEW,
-            self.renew,
-            subject=rpc_subject(RPC_RENEW),
-            description="A guest renews its certificate (any link; expired: serial only).",
-            queue_group=RPC_QUEUE,
-            concurrency=16,
-        )
+        endpoints: list[tuple[str, Handler, str, int]] = [
+            (RPC_HELLO, self.hello,
+             "First RPC on every link: registers the VM, returns the stamped identity.", 64),
+            (RPC_HEARTBEAT, self.heartbeat,
+             "Periodic liveness; refreshes the VM's last heartbeat.", 64),
+            (RPC_REPORT, self.report, "Guest info report (hostname, OS, kernel, interfaces).", 64),
+            (RPC_ENROLL, self.enroll,
+             "A guest's first certificate, or a clone's new identity (serial only).", 16),
+            (RPC_RENEW, self.renew,
+             "A guest renews its certificate (any link; expired: serial only).", 16),
+        ]  # fmt: skip
+        for method, handler, description, concurrency in endpoints:
+            await ctx.add_endpoint(
+                method,
+                handler,
+                subject=rpc_subject(method),
+                description=description,
+                queue_group=RPC_QUEUE,
+                concurrency=concurrency,
+            )
         await ctx.subscribe(f"gb.evt.{EVT_LINK}.*", self.on_link_event, queue=RPC_QUEUE)
         self.gateway: Gateway | None = None
         if self.settings.tls_port:
@@ -281,7 +250,7 @@ class RpcRouter(BusService):
 
     async def hello(self, request: Request) -> bytes:
         stamp = stamp_of(request)
-        hello = parse(Hello, request.data)
+        hello = parse_request(Hello, request.data)
         if stamp.link is LinkKind.IP and hello.vm is not None and hello.vm != stamp.vm:
             # Over IP the certificate is the identity: a different claim is not a clone
             # (clones re-enroll over serial), it is a VM pretending to be another.
@@ -327,7 +296,7 @@ class RpcRouter(BusService):
 
     async def heartbeat(self, request: Request) -> bytes:
         stamp = stamp_of(request)
-        beat = parse(Heartbeat, request.data)
+        beat = parse_request(Heartbeat, request.data)
         self._refuse_claim(RPC_HEARTBEAT, stamp, beat.vm)
         now = datetime.now(UTC)
         # Answer at once and record the beat behind the reply: the registry write (a KV read
@@ -358,10 +327,10 @@ class RpcRouter(BusService):
 
     async def _certificate(self, request: Request, endpoint: str) -> bytes:
         stamp = stamp_of(request)
-        body = parse(GuestCertRequest, request.data)
+        body = parse_request(GuestCertRequest, request.data)
         self._refuse_claim(endpoint, stamp, body.vm)
         issue = CertIssueRequest(csr=body.csr, vm=stamp.vm, stamped_vm=stamp.vm)
-        return await _ca_call(self.ctx, endpoint, issue.model_dump_json().encode())
+        return await ca_call(self.ctx.nc, endpoint, issue.model_dump_json().encode())
 
     async def enroll(self, request: Request) -> bytes:
         stamp = stamp_of(request)
@@ -379,7 +348,7 @@ class RpcRouter(BusService):
 
     async def report(self, request: Request) -> bytes:
         stamp = stamp_of(request)
-        info = parse(GuestInfo, request.data)
+        info = parse_request(GuestInfo, request.data)
         self._refuse_claim(RPC_REPORT, stamp, info.vm)
 
         def update(rec: VmRecord) -> VmRecord:
@@ -477,16 +446,3 @@ class GuestCertRequest(BaseModel):
 
     csr: str = Field(max_length=16384)
     vm: str | None = None
-
-
-async def _ca_call(ctx: ServiceContext, endpoint: str, body: bytes) -> bytes:
-    try:
-        msg = await ctx.nc.request(ca_subject(endpoint), body, timeout=10)
-    except NoRespondersError:
-        raise BusError("ca_unavailable", "no cert-authority is running; retry later", 503) from None
-    except NatsTimeout:
-        raise BusError("ca_unavailable", "the cert-authority did not answer in time", 504) from None
-    err = BusError.from_reply(msg.headers, msg.data)
-    if err is not None:
-        raise err
-    return msg.data

@@ -99,23 +99,45 @@ def parse_domain_xml(text: str, port: int) -> VmSocket | None:
     return None
 
 
+_parsed: dict[tuple[str, int], tuple[tuple[int, int, int], VmSocket | None]] = {}
+"""(path, port) → (inode, size, mtime) of the file when parsed, and what it held: a rescan
+re-reads only domain XML that changed."""
+
+
 def scan_xml_dir(directory: str, port: int) -> dict[str, VmSocket]:
     found: dict[str, VmSocket] = {}
     try:
-        names = sorted(os.listdir(directory))
+        entries = sorted(
+            (e for e in os.scandir(directory) if e.name.endswith(".xml")), key=lambda e: e.name
+        )
     except OSError:
         return found
-    for name in names:
-        if not name.endswith(".xml"):
-            continue
+    seen: set[tuple[str, int]] = set()
+    for entry in entries:
+        key = (entry.path, port)
         try:
-            text = Path(directory, name).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            log.debug("skipping %s: %s", name, exc)
+            st = entry.stat()
+        except OSError:
             continue
-        vm = parse_domain_xml(text, port)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _parsed.get(key)
+        if cached is not None and cached[0] == stamp:
+            vm = cached[1]
+        else:
+            try:
+                text = Path(entry.path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                log.debug("skipping %s: %s", entry.name, exc)
+                continue
+            vm = parse_domain_xml(text, port)
+            _parsed[key] = (stamp, vm)
+        seen.add(key)
         if vm is not None:
             found[vm.uuid] = vm
+    for key in [
+        k for k in _parsed if k[0].startswith(directory.rstrip("/") + "/") and k not in seen
+    ]:
+        del _parsed[key]  # the file is gone
     return found
 
 

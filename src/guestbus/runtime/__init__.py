@@ -7,7 +7,7 @@ See docs/runtime.md. The usual imports::
 
 from __future__ import annotations
 
-from guestbus.runtime.errors import BusError, check_reply
+from guestbus.runtime.errors import BusError, check_reply, parse_request
 from guestbus.runtime.service import (
     BusService,
     Handler,
@@ -29,6 +29,7 @@ __all__ = [
     "ServiceSettings",
     "check_reply",
     "load_settings",
+    "parse_request",
     "run_service",
     "serve",
 ]

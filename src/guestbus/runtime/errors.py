@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from guestbus.contract import HEADER_ERROR_CODE, ErrorBody
+
+M = TypeVar("M", bound=BaseModel)
 
 #: nats.micro header carrying the error status (a number, as text).
 MICRO_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
@@ -103,3 +107,18 @@ def check_reply(headers: Mapping[str, str] | None, data: bytes) -> bytes:
     if err is not None:
         raise err
     return data
+
+
+def parse_request(model: type[M], data: bytes) -> M:
+    """Validate a request body as ``model``; a :class:`BusError` ``bad_request`` naming the
+    first bad field otherwise (empty body = ``{}``)."""
+    try:
+        return model.model_validate_json(data or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise BusError(
+            "bad_request",
+            f"invalid {model.__name__} request: {where}: {first['msg']}",
+            details={"errors": len(exc.errors())},
+        ) from None
