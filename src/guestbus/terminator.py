@@ -47,6 +47,7 @@ from guestbus.contract import (
 )
 from guestbus.ratelimit import TokenBucket
 from guestbus.runtime import BusError
+from guestbus.runtime.nats import flush_interest
 from guestbus.wire import MAX_FRAME, Session, SessionState, errors, valid_id
 from guestbus.wire.aio import Channel, LinkClosed, RemoteError
 
@@ -217,6 +218,9 @@ class Terminator:
         # link then has no responder and its callers learn it at once.
         if self.sub is None:
             self.sub = await self.nc.subscribe(guest_wildcard(self.vm), cb=self._command_cb)
+            # The server knows the subscription before the guest hears its hello answered.
+            with contextlib.suppress(Exception):
+                await flush_interest(self.nc)
         self._changed()
         await self._publish_link(LinkState.UP, None)
 

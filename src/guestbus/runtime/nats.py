@@ -144,3 +144,15 @@ async def connect(
 
 
 __all__ = ["Client", "connect", "connect_options", "connected_gauge"]
+
+
+async def flush_interest(nc: Client) -> None:
+    """A round trip to the server *after* every queued command, subscriptions included.
+
+    nats-py's ``flush()`` writes its PING straight to the socket while SUB commands can still
+    wait in the client's pending buffer, so its PONG may return before the server knows the
+    new subscriptions, and a request from another connection then meets "no responders".
+    Writing the pending buffer first restores the order a caller expects.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush()

@@ -44,7 +44,7 @@ from prometheus_client import (
 from guestbus.runtime.errors import INTERNAL, BusError
 from guestbus.runtime.http import ProbeServer
 from guestbus.runtime.logs import setup_logging
-from guestbus.runtime.nats import connect
+from guestbus.runtime.nats import connect, flush_interest
 from guestbus.runtime.settings import ServiceSettings, load_settings
 
 T = TypeVar("T")
@@ -519,7 +519,7 @@ class ServiceHost:
         )
         await self.service.setup(self.ctx)
         self._setup_done = True
-        await self.nc.flush()
+        await flush_interest(self.nc)  # endpoints reachable before we report ready
         self._started = True
         self.log.info(
             "service started",
