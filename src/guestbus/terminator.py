@@ -210,29 +210,37 @@ class Terminator:
 
     # --- up / down -----------------------------------------------------------------------------
 
-    async def _set_up(self) -> None:
-        if self.up:
-            return
-        self.up = True
-        # Serve host → guest commands only while the link is up: a VM without an active
-        # link then has no responder and its callers learn it at once.
+    async def _serve_commands(self) -> None:
+        """Serve host → guest commands only while the link is (coming) up: a VM without an
+        active link then has no responder and its callers learn it at once. Called before
+        the hello reaches rpc-router, so that by the time the registry says the link is up
+        the server knows this subscription (a command in between gets no_active_link)."""
         if self.sub is None:
             self.sub = await self.nc.subscribe(guest_wildcard(self.vm), cb=self._command_cb)
-            # The server knows the subscription before the guest hears its hello answered.
             with contextlib.suppress(Exception):
                 await flush_interest(self.nc)
-        self._changed()
-        await self._publish_link(LinkState.UP, None)
 
-    async def set_down(self, reason: str) -> None:
-        if not self.up:
-            return
-        self.up = False
+    async def _stop_serving(self) -> None:
         sub, self.sub = self.sub, None
         if sub is not None:
             retiring = asyncio.ensure_future(self._retire(sub))
             self.retiring.add(retiring)
             retiring.add_done_callback(self.retiring.discard)
+
+    async def _set_up(self) -> None:
+        if self.up:
+            return
+        self.up = True
+        await self._serve_commands()
+        self._changed()
+        await self._publish_link(LinkState.UP, None)
+
+    async def set_down(self, reason: str) -> None:
+        if not self.up:
+            await self._stop_serving()  # a hello that never completed
+            return
+        self.up = False
+        await self._stop_serving()
         self._changed()
         await self._publish_link(LinkState.DOWN, reason)
 
@@ -325,7 +333,13 @@ class Terminator:
         self._admit()
         if self.hello_check is not None:
             await self.hello_check(params)
-        ack = await self.forward("hello", params)
+        await self._serve_commands()
+        try:
+            ack = await self.forward("hello", params)
+        except BaseException:
+            if not self.up:
+                await self._stop_serving()
+            raise
         await self._set_up()
         return ack
 
