@@ -309,7 +309,15 @@ LEASE_TTL_SECONDS = 15.0
 """Age after which an un-renewed lease in :data:`KV_LEASES` expires; renew well before (TTL/3)."""
 
 OBJ_ISOS = "gb_isos"
-"""Object store: built per-VM ISO images."""
+"""Object store: built per-VM ISO images (object name ``<vm uuid>.iso``)."""
+KV_ISO_MANIFESTS = "gb_iso_manifests"
+"""KV bucket: the newest ISO built for each VM (:class:`IsoManifest`, key: VM uuid)."""
+KV_DR_KEYS = "gb_dr_keys"
+"""KV bucket: the DR signing key pair (keys :data:`DR_KEY_PUBLIC`, :data:`DR_KEY_PRIVATE`)."""
+DR_KEY_PUBLIC = "signing.public"
+"""Ed25519 public key (PEM, SubjectPublicKeyInfo) that agents use to verify DR changes."""
+DR_KEY_PRIVATE = "signing.private"
+"""Its private key (PEM, PKCS#8); only dr-orchestrator may read it (NATS permissions)."""
 
 
 # --- certificates ---
@@ -649,5 +657,182 @@ SCHEMA_MODELS.update(
         "ca-info": CaInfo,
         "cert-event": CertEvent,
         "crl-event": CrlEvent,
+    }
+)
+
+
+# --- ISO media ---
+# Service iso-builder (docs/iso.md): micro endpoints ``gb.iso.<endpoint>`` in queue group
+# ``iso-builder``, progress events ``gb.evt.iso.<job>``, manifests in KV bucket
+# ``gb_iso_manifests``, images in object store ``gb_isos``.
+
+ISO_PREFIX: Final = "gb.iso"
+ISO_QUEUE: Final = "iso-builder"
+ISO_BUILD: Final = "build"
+ISO_LIST: Final = "list"
+ISO_GET: Final = "get"
+ISO_INFO: Final = "info"
+ISO_ENDPOINTS: Final = (ISO_BUILD, ISO_LIST, ISO_GET, ISO_INFO)
+ISO_LABEL: Final = "GUESTBUS"
+"""Volume label of every guestbus ISO; the agent finds its media by it."""
+ISO_MAX_BATCH: Final = 1000
+"""VMs per ``gb.iso.build`` request (the reply lists each); the CLI splits longer lists."""
+EVT_ISO: Final = "iso"
+"""Progress of a build job: ``gb.evt.iso.<job>`` (:class:`IsoProgress`)."""
+
+ERROR_UNKNOWN_VM: Final = "unknown_vm"
+"""The VM is not in the registry (no bridge has discovered it and no agent said hello)."""
+ERROR_WHEELHOUSE: Final = "wheelhouse_unavailable"
+"""The offline wheelhouse for ``full`` ISOs could not be assembled (see the message)."""
+ERROR_ISO_FAILED: Final = "iso_failed"
+"""Mastering or storing the image failed."""
+
+
+def iso_subject(endpoint: str) -> str:
+    """``gb.iso.<endpoint>``: an iso-builder endpoint."""
+    return f"{ISO_PREFIX}.{_token(endpoint, 'endpoint')}"
+
+
+def iso_object_name(vm: str) -> str:
+    """The object store name of a VM's ISO."""
+    return f"{_token(vm, 'vm')}.iso"
+
+
+JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+AGENT_COMMANDS: Final = (CMD_PING, CMD_INFO, CMD_ALLOWED, CMD_RENEW)
+"""Host commands an agent can be allowed to serve (the agent's own list must match)."""
+AgentCommand = Annotated[str, StringConstraints(pattern=r"^(ping|info|allowed|renew)$")]
+
+
+class AgentConfigFile(_Model):
+    """``config.json`` on a VM's ISO: what the agent runs with (it validates the same rules)."""
+
+    vm_uuid: Uuid
+    config_uuid: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="Identifies this configuration; the agent records which one it runs."
+    )
+    config_serial: int = Field(
+        ge=0, description="Grows with every ISO built for the VM: a higher one is newer."
+    )
+    gateway_host: Annotated[str, StringConstraints(pattern=r"^\S{1,255}$")] = Field(
+        description="Host of rpc-router's TLS gateway (the IP fallback)."
+    )
+    gateway_port: int = Field(default=2074, ge=1, le=65535)
+    serial_device: Annotated[str, StringConstraints(pattern=r"^/")] = "/dev/ttyS1"
+    heartbeat_interval: float = Field(default=5.0, ge=0.05, le=3600)
+    serial_failure_limit: int = Field(default=3, ge=1, le=1000)
+    heartbeat_failure_limit: int = Field(default=20, ge=1, le=100000)
+    request_timeout: float = Field(default=5.0, ge=0.05, le=600)
+    allowed_commands: list[AgentCommand] = Field(default_factory=lambda: list(AGENT_COMMANDS))
+    state_dir: Annotated[str, StringConstraints(pattern=r"^/")] = "/var/lib/guestbus"
+    ip_fallback: bool = True
+
+
+class IsoKind(StrEnum):
+    FULL = "full"
+    """Config, certificates, installer and the offline wheelhouse."""
+    CONFIG_ONLY = "config-only"
+    """Config and certificates only: refreshes an installed agent."""
+
+
+class IsoBuildRequest(_Model):
+    """``gb.iso.build``: build ISOs for up to :data:`ISO_MAX_BATCH` VMs."""
+
+    vms: list[Uuid] = Field(min_length=1, max_length=ISO_MAX_BATCH)
+    kind: IsoKind = IsoKind.FULL
+    job: JobId | None = Field(
+        default=None,
+        description="Progress goes to gb.evt.iso.<job>; subscribe before sending. "
+        "Default: a new id (in the reply).",
+    )
+    store: bool = Field(default=True, description="Also put each image in the object store.")
+
+
+class IsoManifest(_Model):
+    """The newest ISO of a VM (KV ``gb_iso_manifests``, key: VM uuid)."""
+
+    vm: Uuid
+    name: str | None = None
+    kind: IsoKind
+    sha256: str
+    size: int
+    config_uuid: str
+    config_serial: int
+    agent_version: str
+    wheelhouse: str | None = Field(default=None, description="Wheelhouse id (full ISOs).")
+    cert_serial: str
+    cert_not_after: datetime
+    object: str | None = Field(default=None, description="Name in object store gb_isos.")
+    path: str | None = Field(default=None, description="File the builder wrote.")
+    builder: str = Field(description="The iso-builder instance that built it.")
+    built_at: datetime = Field(default_factory=utcnow)
+
+
+class IsoResult(_Model):
+    vm: Uuid
+    ok: bool
+    manifest: IsoManifest | None = None
+    error: ErrorBody | None = None
+
+
+class IsoBuildReply(_Model):
+    job: JobId
+    kind: IsoKind
+    built: int
+    failed: int
+    seconds: float
+    results: list[IsoResult] = Field(description="One per requested VM, in request order.")
+
+
+class IsoProgress(_Model):
+    """``gb.evt.iso.<job>``: one VM of a build job is done (built or failed), or, without
+    ``vm``, a note about the job (e.g. the wheelhouse being assembled)."""
+
+    job: JobId
+    vm: Uuid | None = None
+    ok: bool
+    done: int
+    total: int
+    code: str | None = None
+    message: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class IsoListRequest(_Model):
+    vms: list[Uuid] | None = Field(default=None, description="Only these VMs; default all.")
+
+
+class IsoListReply(_Model):
+    manifests: list[IsoManifest]
+
+
+class IsoGetRequest(_Model):
+    vm: Uuid
+
+
+class IsoInfo(_Model):
+    """``gb.iso.info``: what this builder puts on ISOs."""
+
+    agent_version: str
+    wheelhouse: str | None = Field(description="Id of the ready wheelhouse, if assembled yet.")
+    pythons: list[str]
+    archs: list[str]
+    dr_public_key: str = Field(description="The DR verify key every ISO carries (PEM).")
+    gateway: str
+    output_dir: str | None
+
+
+SCHEMA_MODELS.update(
+    {
+        "agent-config": AgentConfigFile,
+        "iso-build-request": IsoBuildRequest,
+        "iso-build-reply": IsoBuildReply,
+        "iso-manifest": IsoManifest,
+        "iso-progress": IsoProgress,
+        "iso-list-request": IsoListRequest,
+        "iso-list-reply": IsoListReply,
+        "iso-get-request": IsoGetRequest,
+        "iso-info": IsoInfo,
     }
 )

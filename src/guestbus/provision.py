@@ -16,8 +16,10 @@ from nats.js.errors import NotFoundError
 
 from guestbus.contract import (
     KV_CERTS,
+    KV_DR_KEYS,
     KV_DR_PLANS,
     KV_DR_RUNS,
+    KV_ISO_MANIFESTS,
     KV_LEASES,
     KV_VMS,
     LEASE_TTL_SECONDS,
@@ -53,6 +55,8 @@ KV_SPECS: tuple[KVSpec, ...] = (
     KVSpec(KV_DR_PLANS, "guestbus DR plans", history=20, max_bytes=256 * MIB),
     KVSpec(KV_DR_RUNS, "guestbus DR runs and per-VM step status", history=5, max_bytes=1 * GIB),
     KVSpec(KV_LEASES, "guestbus leases (expire unless renewed)", ttl=LEASE_TTL_SECONDS),
+    KVSpec(KV_ISO_MANIFESTS, "guestbus newest ISO per VM (key: VM uuid)", history=5),
+    KVSpec(KV_DR_KEYS, "guestbus DR signing key pair", history=5),
 )
 ISOS_DESCRIPTION = "guestbus per-VM ISO images"
 

@@ -45,7 +45,7 @@ from guestbus.contract import (
 from guestbus.runtime import BusError, ServiceContext
 from guestbus.terminator import LinkLimits, LinkMetrics, Terminator
 
-from .ca_client import ca_call
+from guestbus.ca_client import ca_call
 
 log = logging.getLogger("guestbus.rpc-router.gateway")
 

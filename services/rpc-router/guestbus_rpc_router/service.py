@@ -63,7 +63,7 @@ from guestbus.runtime import (
 from guestbus.wire import PROTOCOL_VERSION, errors
 
 from . import __version__
-from .ca_client import ca_call
+from guestbus.ca_client import ca_call
 from .gateway import Gateway
 
 

@@ -1,5 +1,6 @@
-"""Calls from rpc-router to the cert-authority (guest enrollment and renewal, the gateway's
-own server certificate), with its absence turned into a typed, retryable error."""
+"""Calls to the cert-authority from other services (rpc-router: guest enrollment, renewal
+and the gateway's server certificate; iso-builder: the certificates on ISOs), with its
+absence turned into a typed, retryable error."""
 
 from __future__ import annotations
 
