@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import layout
 from .files import atomic_write
 
-ISO_LABEL = "GUESTBUS"
-ISO_CONFIG_NAME = "config.json"
+ISO_LABEL = layout.ISO_LABEL
+ISO_CONFIG_NAME = layout.ISO_CONFIG
 DEFAULT_PORT = 2074
 DEFAULT_DEVICE = "/dev/ttyS1"  # COM2: target port 1 of the reference domain XML
-DEFAULT_STATE_DIR = "/var/lib/guestbus"
+DEFAULT_STATE_DIR = layout.STATE_DIR
 KNOWN_COMMANDS = ("ping", "info", "allowed", "renew")
 
 _UUID = re.compile(
@@ -44,6 +45,8 @@ class AgentConfig:
     state_dir: str = DEFAULT_STATE_DIR
     ip_fallback: bool = True
     source_config_uuid: Optional[str] = None
+    # Grows with every ISO built for the VM: which of two configs is newer (provisioning).
+    config_serial: Optional[int] = None
     source: str = field(default="", compare=False)
 
     def to_json(self) -> Dict[str, Any]:
@@ -61,6 +64,7 @@ class AgentConfig:
             "state_dir": self.state_dir,
             "ip_fallback": self.ip_fallback,
             **({"source_config_uuid": self.source_config_uuid} if self.source_config_uuid else {}),
+            **({"config_serial": self.config_serial} if self.config_serial is not None else {}),
         }
 
 
@@ -124,6 +128,13 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
     derived = data.get("source_config_uuid")
     if derived is not None and not isinstance(derived, str):
         raise ConfigError(f"{source}: field 'source_config_uuid' must be a string")
+    serial = data.get("config_serial")
+    if serial is not None and (
+        isinstance(serial, bool) or not isinstance(serial, int) or serial < 0
+    ):
+        raise ConfigError(
+            f"{source}: field 'config_serial' must be a non-negative integer (got {serial!r})"
+        )
     return AgentConfig(
         vm_uuid=vm.lower(),
         config_uuid=cfg_uuid,
@@ -142,6 +153,7 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
         state_dir=state_dir,
         ip_fallback=fallback,
         source_config_uuid=derived,
+        config_serial=serial,
         source=source,
     )
 

@@ -12,7 +12,9 @@ from typing import List, Optional
 from . import __version__
 from .agent import Agent
 from .config import ISO_CONFIG_NAME, ISO_LABEL, AgentConfig, ConfigError, load
+from .identity import IdentityError
 from .link import serial_opener
+from .provisioning import IsoLocator, ProvisioningError, take_at_start, take_from
 
 log = logging.getLogger("guestbus.agent")
 
@@ -23,10 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "guestbus guest agent: keeps a link to the cluster over the VM's serial port, "
             "heartbeats, and answers allow-listed host commands. Config comes from --config, "
-            f"else from {ISO_CONFIG_NAME} on the mounted ISO labelled {ISO_LABEL}."
+            f"else from {ISO_CONFIG_NAME} on the mounted ISO labelled {ISO_LABEL}. "
+            "With --config, the agent first takes a newer config (and certificate) from the "
+            "ISO if one is attached, mounting it read-only for the moment if needed."
         ),
     )
-    p.add_argument("--config", type=Path, help="config JSON file (default: from the ISO)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="the installed config JSON file, e.g. /etc/guestbus/config.json (default: "
+        "read the ISO's, without installing it)",
+    )
     p.add_argument("--device", help="serial device, overrides the config (e.g. /dev/ttyS1)")
     p.add_argument(
         "--state-dir",
@@ -36,7 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gateway", help="HOST:PORT of the TLS gateway, overrides the config")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config and exit (does not look at the ISO)",
+    )
+    p.add_argument(
+        "--no-iso", action="store_true", help="at start, do not look for a newer config on the ISO"
+    )
+    p.add_argument(
+        "--take-config-from",
+        type=Path,
+        metavar="DIR",
+        help="install the config, certificate and DR key of DIR (the ISO's root) at --config "
+        "and the state dir if DIR's config is newer, print what was done, and exit (0 done or "
+        "already current, 2 on any problem)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --take-config-from: take it even if it is not newer or names another VM",
+    )
     p.add_argument("--version", action="version", version="guestbus-agent " + __version__)
     return p
 
@@ -57,11 +86,35 @@ async def run_agent(config: AgentConfig) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def take_config(source: Path, config: Path, state_dir: Optional[Path], force: bool) -> int:
+    """``--take-config-from``: one line on stdout, or the problem on stderr and exit 2."""
+    try:
+        outcome = take_from(source, config, state_dir, force)
+    except (ConfigError, ProvisioningError, IdentityError) as exc:
+        print(f"guestbus-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"guestbus-agent: error: cannot install from {source}: {exc}", file=sys.stderr)
+        return 2
+    print(outcome.summary())
+    return 0
+
+
+def main(argv: Optional[List[str]] = None, locator: Optional[IsoLocator] = None) -> int:
+    """``locator`` says where to look for the ISO (tests stand in for /dev and /proc)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.force and not args.take_config_from:
+        parser.error("--force goes with --take-config-from")
+    if args.take_config_from and not args.config:
+        parser.error("--take-config-from needs --config FILE: where to install the config")
     logging.basicConfig(
         stream=sys.stderr, level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.take_config_from:
+        return take_config(args.take_config_from, args.config, args.state_dir, args.force)
+    if args.config and not (args.no_iso or args.check_config):
+        take_at_start(args.config, args.state_dir, locator)
     try:
         config = load(args.config, args.state_dir)
     except ConfigError as exc:
