@@ -196,3 +196,19 @@ async def test_vm_whose_heartbeats_stop_is_marked_down_after_the_grace(stack: Li
     await stack.fleet.start_agent(vm)
     await stack.wait_active([uuid])
     await stack.wait_registered([uuid], timeout=10)
+
+
+async def test_a_discovered_vm_is_listed_before_its_agent_says_hello(stack: LinkStack) -> None:
+    """The bridge records VMs it discovers, so an operator (and iso-builder, which builds only
+    for known VMs) sees a new VM before any agent runs in it; the router's fields stay unset."""
+    vm = await stack.fleet.hypervisor.add_vm()  # a socket, no agent behind it
+
+    async def recorded() -> bool:
+        return vm.uuid in await stack.records()
+
+    await wait_until(recorded, 10, "the discovered VM in the registry")
+    rec = (await stack.records())[vm.uuid]
+    assert rec.link is LinkKind.DOWN
+    assert rec.host == BRIDGE_HOST
+    assert rec.agent_version is None and rec.last_hello is None and rec.last_heartbeat is None
+    await stack.fleet.hypervisor.remove_vm(vm.uuid)

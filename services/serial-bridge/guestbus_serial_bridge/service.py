@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
+from nats.js.errors import BucketNotFoundError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from guestbus.contract import KV_VMS, VmRecord
+from guestbus.provision import provision
+from guestbus.registry import Registry
 from guestbus.runtime import BusService, ServiceContext
 from guestbus.terminator import LinkLimits, LinkMetrics
 
@@ -46,6 +51,9 @@ class SerialBridge(BusService):
             max_frame=self.settings.max_frame,
         )
         ctx.registry.register(_LinkCollector(self))
+        self.vms = await self._open_registry(ctx)
+        self._to_register: asyncio.Queue[VmSocket] = asyncio.Queue()
+        ctx.spawn(self._register_forever(), name="register")
         await self.rescan()
         ctx.spawn(self._scan_forever(), name="discovery")
         ctx.log.info(
@@ -87,6 +95,7 @@ class SerialBridge(BusService):
             if link is not None and link.vm.path == vm.path:
                 if vm.name and link.vm.name != vm.name:
                     link.rename(vm)
+                    self._to_register.put_nowait(vm)
                 continue
             if link is not None:
                 await self._drop(uuid)
@@ -95,10 +104,32 @@ class SerialBridge(BusService):
     async def _add(self, vm: VmSocket) -> None:
         link = VmLink(vm, self)
         self.links[vm.uuid] = link
+        self._to_register.put_nowait(vm)
         link.task = self.ctx.spawn(link.run(), name=f"link:{vm.uuid}")
         self.ctx.log.info(
             "VM discovered", extra={"vm": vm.uuid, "path": vm.path, "vm_name": vm.name}
         )
+
+    # --- the registry: discovered VMs are listed before their agent says hello -------------
+
+    async def _open_registry(self, ctx: ServiceContext) -> Registry:
+        try:
+            kv = await ctx.js.key_value(KV_VMS)
+        except BucketNotFoundError:
+            await provision(ctx.js, self.settings.js_replicas)
+            kv = await ctx.js.key_value(KV_VMS)
+        return Registry(kv)
+
+    async def _register_forever(self) -> None:
+        """One at a time: a thousand VMs found at start must not flood the KV store."""
+        while True:
+            vm = await self._to_register.get()
+            try:
+                await self.vms.change(vm.uuid, partial(_discovered, vm, self.settings.bridge_host))
+            except Exception as exc:  # the registry is a convenience here; links go on
+                self.ctx.log.warning(
+                    "could not record discovered VM %s: %r", vm.uuid, exc, extra={"vm": vm.uuid}
+                )
 
     async def _drop(self, uuid: str) -> None:
         link = self.links.pop(uuid, None)
@@ -122,6 +153,16 @@ class SerialBridge(BusService):
             "frames_in": frames_in,
             "frames_out": frames_out,
         }
+
+
+def _discovered(vm: VmSocket, host: str, record: VmRecord) -> VmRecord | None:
+    """A new VM gets a record (link down until its agent says hello); a known one only
+    a new name. Nothing else the router owns is touched."""
+    if record.host is None and record.last_hello is None:
+        return record.model_copy(update={"name": vm.name or record.name, "host": host})
+    if vm.name and record.name != vm.name:
+        return record.model_copy(update={"name": vm.name})
+    return None
 
 
 class _LinkCollector(Collector):

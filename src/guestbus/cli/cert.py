@@ -19,7 +19,6 @@ renewal work; it registers itself by appending a function ``add(cert_subparsers)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -33,17 +32,18 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from guestbus import pki
 from guestbus.cli.common import (
+    UUID_RE,
     CliError,
     add_nats_option,
     resolve_vm,
     run_async,
+    service_call,
     table,
+    vm_uuid,
     with_bus,
 )
 from guestbus.contract import (
@@ -65,13 +65,11 @@ from guestbus.contract import (
     RevokeRequest,
     ca_subject,
 )
-from guestbus.runtime.errors import BusError, check_reply
 
 M = TypeVar("M", bound=BaseModel)
 
 REASONS: tuple[str, ...] = tuple(r.value for r in RevocationReason)
 REQUEST_TIMEOUT = 15.0
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _HEX = re.compile(r"^(0[xX])?[0-9a-fA-F:]+$")
 
 _EKU_NAMES = {
@@ -118,34 +116,9 @@ def expires_in(not_after: datetime, now: datetime | None = None) -> str:
 
 async def ca_call(nc: Client, endpoint: str, request: BaseModel | None, model: type[M]) -> M:
     """One request to ``gb.ca.<endpoint>``; typed errors become a one-line CliError."""
-    subject = ca_subject(endpoint)
-    data = request.model_dump_json(exclude_none=True).encode() if request is not None else b"{}"
-    try:
-        msg = await nc.request(subject, data, timeout=REQUEST_TIMEOUT)
-    except NoRespondersError:
-        raise CliError(
-            f"the cert-authority service is not running (no responder on {subject}); "
-            "`guestbus up` starts it"
-        ) from None
-    except (NatsTimeoutError, asyncio.TimeoutError):
-        raise CliError(
-            f"the cert-authority did not answer on {subject} within {REQUEST_TIMEOUT:.0f}s"
-        ) from None
-    try:
-        body = check_reply(msg.headers, msg.data)
-    except BusError as err:
-        raise CliError(f"{err.message} ({err.code})") from None
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise CliError(f"unexpected reply from {subject}: {exc.errors()[0]['msg']}") from None
-
-
-async def vm_uuid(nc: Client, ref: str) -> str:
-    """A VM uuid as given, or looked up by name / uuid prefix in the registry."""
-    if _UUID.match(ref):
-        return ref.lower()
-    return (await resolve_vm(nc, ref)).uuid
+    return await service_call(
+        nc, ca_subject(endpoint), request, model, service="cert-authority", timeout=REQUEST_TIMEOUT
+    )
 
 
 def dump(model: BaseModel) -> None:
@@ -400,7 +373,7 @@ def run_revoke(args: argparse.Namespace) -> int:
 
     async def work(nc: Client) -> int:
         target = args.target.strip()
-        if _UUID.match(target):
+        if UUID_RE.match(target):
             request = RevokeRequest(vm=target.lower(), reason=reason, comment=args.comment)
         elif _HEX.match(target):
             try:

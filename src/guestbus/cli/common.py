@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -12,13 +13,20 @@ from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
-from nats.errors import NoServersError
+from nats.errors import NoRespondersError, NoServersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from pydantic import BaseModel, ValidationError
 
 from guestbus.contract import KV_VMS, VmRecord
 from guestbus.registry import Registry
+from guestbus.runtime import BusError, check_reply
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
 
 
 class CliError(Exception):
@@ -116,6 +124,44 @@ async def resolve_vm(nc: Client, ref: str) -> VmRecord:
     if len(by_name) + len(by_prefix) > 1:
         raise CliError(f"{ref!r} matches several VMs; give more of the uuid")
     raise CliError(f"no VM {ref!r} in the registry (see `guestbus vms`)")
+
+
+async def vm_uuid(nc: Client, ref: str) -> str:
+    """A VM uuid as given, or looked up by name / uuid prefix in the registry."""
+    if UUID_RE.match(ref):
+        return ref.lower()
+    return (await resolve_vm(nc, ref)).uuid
+
+
+async def service_call(
+    nc: Client,
+    subject: str,
+    request: BaseModel | None,
+    model: type[M],
+    *,
+    service: str,
+    timeout: float = 15.0,
+) -> M:
+    """One request to a service endpoint; its absence, silence and typed errors become a
+    one-line CliError."""
+    data = request.model_dump_json(exclude_none=True).encode() if request is not None else b"{}"
+    try:
+        msg = await nc.request(subject, data, timeout=timeout)
+    except NoRespondersError:
+        raise CliError(
+            f"the {service} service is not running (no responder on {subject}); "
+            "`guestbus up` starts it"
+        ) from None
+    except (NatsTimeoutError, asyncio.TimeoutError):
+        raise CliError(f"the {service} did not answer on {subject} within {timeout:.0f}s") from None
+    try:
+        body = check_reply(msg.headers, msg.data)
+    except BusError as err:
+        raise CliError(f"{err.message} ({err.code})") from None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise CliError(f"unexpected reply from {subject}: {exc.errors()[0]['msg']}") from None
 
 
 def add_nats_option(p: argparse.ArgumentParser) -> None:

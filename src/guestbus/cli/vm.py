@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
+from guestbus.cli.common import UUID_RE
 from guestbus.libvirt_xml import serial_port_xml
-
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 def add_parser(sub: Any) -> None:
@@ -32,7 +30,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run_xml(args: argparse.Namespace) -> int:
-    if not _UUID.match(args.vm):
+    if not UUID_RE.match(args.vm):
         print(f"error: {args.vm!r} is not a VM uuid (as in `virsh domuuid NAME`)")
         return 2
     if not 0 <= args.index <= 3:
