@@ -1,21 +1,8 @@
-"""``guestbus-iso-builder``: Per-VM tools and config ISO media.
+"""``guestbus-iso-builder`` console script (see docs/iso.md)."""
 
-Skeleton: the service registers on the bus (``$SRV.PING/INFO/STATS``), serves its probes
-and metrics, and has no endpoints yet; see the project's open issues for what it will do.
-"""
+from guestbus.runtime import run_service
 
-from guestbus.runtime import BusService, ServiceContext, run_service
-
-from . import __version__
-
-
-class IsoBuilder(BusService):
-    name = "iso-builder"
-    version = __version__
-    description = "Per-VM tools and config ISO media (skeleton: no endpoints yet)."
-
-    async def setup(self, ctx: ServiceContext) -> None:
-        ctx.log.warning("iso-builder: skeleton; it registers and reports health only")
+from .service import IsoBuilder
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ COMMANDS = (
     "guestbus.cli.bus",
     "guestbus.cli.vm",
     "guestbus.cli.cert",
+    "guestbus.cli.iso",
     "guestbus.cli.schemas",
 )
 

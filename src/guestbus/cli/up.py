@@ -55,7 +55,14 @@ SERVICES: list[ServiceEntry] = [
     ServiceEntry("cert-authority", "guestbus_cert_authority.main", 9102),
     ServiceEntry("rpc-router", "guestbus_rpc_router.main", 9101),
     ServiceEntry("serial-bridge", "guestbus_serial_bridge.main", 9100),
-    # Added as they are built (their issues): iso-builder 9103, dr-orchestrator 9104.
+    ServiceEntry(
+        "iso-builder",
+        "guestbus_iso_builder.main",
+        9103,
+        # the embedded cluster's TLS gateway listens on this host
+        env={"GUESTBUS_ISO_GATEWAY_HOST": os.environ.get("GUESTBUS_ISO_GATEWAY_HOST", "127.0.0.1")},
+    ),
+    # Added when it is built (its issue): dr-orchestrator 9104.
 ]
 """Services started by ``guestbus up``, in order."""
 
