@@ -10,7 +10,7 @@ VENV := .venv
 VENV39 := .venv39
 DEMO_VMS ?= 5
 
-.PHONY: demo up test test-guest lint typecheck schemas bench clean help
+.PHONY: demo up test test-guest tools lint typecheck schemas bench clean help
 
 help:
 	@echo "make demo       embedded NATS + all services + $(DEMO_VMS) lab VMs (Ctrl-C stops all)"
@@ -34,10 +34,23 @@ $(VENV39)/.installed:
 		touch $@; \
 	else echo "note: no python3.9 found: guest-side tests run on $(PYTHON) only"; fi
 
+# The ISO tests read images back with independent readers (isoinfo from genisoimage, and
+# xorriso); as root on Debian/Ubuntu they are installed here, otherwise we say what to install.
+ISO_TOOLS := isoinfo xorriso
+tools:
+	@missing=""; for t in $(ISO_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing genisoimage and xorriso (for:$$missing)"; \
+			apt-get install -y -q genisoimage xorriso >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get install -y -q genisoimage xorriso >/dev/null; }; \
+		else echo "the tests need$$missing: apt-get install genisoimage xorriso"; exit 1; fi; \
+	fi
+
 demo up: $(VENV)/.installed
 	$(VENV)/bin/guestbus up --demo $(DEMO_VMS)
 
-test: $(VENV)/.installed $(VENV39)/.installed
+test: $(VENV)/.installed $(VENV39)/.installed tools
 	$(VENV)/bin/python -m pytest -q
 	@if [ -f $(VENV39)/.installed ]; then \
 		echo "== guest-side tests on $$($(VENV39)/bin/python --version)"; \
