@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from guestbus_iso_builder.wheelhouse import Wheelhouse, ensure_wheelhouse
+from guestbus_iso_builder.wheelhouse import Wheelhouse, ensure_wheelhouse, prune_wheelhouses
 
 
 def wheelhouse_cache_dir() -> Path:
@@ -22,5 +22,8 @@ def wheelhouse_cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def wheelhouse() -> Wheelhouse:
-    """The verified wheelhouse for the agent in this checkout (built on first use)."""
-    return ensure_wheelhouse(wheelhouse_cache_dir())
+    """The verified wheelhouse for the agent in this checkout (built on first use); older
+    ones in the cache (other agent versions) are pruned after a day."""
+    house = ensure_wheelhouse(wheelhouse_cache_dir())
+    prune_wheelhouses(wheelhouse_cache_dir(), house, min_age=86400)
+    return house

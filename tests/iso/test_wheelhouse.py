@@ -34,6 +34,7 @@ from guestbus_iso_builder.wheelhouse import (
     build_agent_wheel,
     ensure_wheelhouse,
     load_wheelhouse,
+    prune_wheelhouses,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -355,3 +356,20 @@ def test_incomplete_source_reports_pip_and_leaves_nothing(
     assert "cffi==" in message  # pip's own last lines name what it could not find
     assert "GUESTBUS_ISO_WHEEL_SOURCE" in message
     assert list(cache.iterdir()) == []
+
+
+def test_pruning_drops_only_other_idle_wheelhouses(wheelhouse: Wheelhouse, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    current = cache / wheelhouse.path.name
+    shutil.copytree(wheelhouse.path, current)
+    kept = load_wheelhouse(current)
+    old, fresh, other = cache / "0.0.1-aaaaaaaaaaaa", cache / "0.0.2-bbbbbbbbbbbb", cache / "notes"
+    for d in (old, fresh, other):
+        d.mkdir()
+    (old / "wheelhouse.json").write_text("{}")
+    (fresh / "wheelhouse.json").write_text("{}")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    os.utime(current, (two_days_ago, two_days_ago))
+    assert prune_wheelhouses(cache, kept) == [old.name]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([current.name, fresh.name, "notes"])

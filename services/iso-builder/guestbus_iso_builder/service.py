@@ -71,7 +71,14 @@ from . import __version__
 from .content import VmMaterial, config_uuid, iso_entries, load_agent_files
 from .media import build_iso_bytes
 from .settings import IsoSettings
-from .wheelhouse import TARGET_ARCHS, TARGET_PYTHONS, Wheelhouse, WheelhouseError, ensure_wheelhouse
+from .wheelhouse import (
+    TARGET_ARCHS,
+    TARGET_PYTHONS,
+    Wheelhouse,
+    WheelhouseError,
+    ensure_wheelhouse,
+    prune_wheelhouses,
+)
 
 ERROR_CONFLICT = "conflict"
 BUILD_BUCKETS = (*LATENCY_BUCKETS, 60.0, 120.0)
@@ -170,9 +177,16 @@ class IsoBuilder(BusService):
                     )
                 except WheelhouseError as exc:
                     raise BusError(ERROR_WHEELHOUSE, str(exc), 503) from None
+                removed = await asyncio.to_thread(
+                    prune_wheelhouses, self.settings.wheel_cache, self.wheelhouse
+                )
                 self.log.info(
                     "wheelhouse ready",
-                    extra={"wheelhouse": self.wheelhouse.id, "path": str(self.wheelhouse.path)},
+                    extra={
+                        "wheelhouse": self.wheelhouse.id,
+                        "path": str(self.wheelhouse.path),
+                        "pruned": removed,
+                    },
                 )
             return self.wheelhouse
 

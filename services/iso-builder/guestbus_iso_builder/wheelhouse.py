@@ -512,6 +512,24 @@ def _remove_stale(cache_dir: Path) -> None:
             continue
 
 
+def prune_wheelhouses(cache_dir: Path, keep: Wheelhouse, min_age: float = 3600.0) -> list[str]:
+    """Remove the cache's other wheelhouses (older agent versions or pins, ~21 MB each) that
+    were not touched for ``min_age`` seconds; returns their names."""
+    removed: list[str] = []
+    cutoff = time.time() - min_age
+    for entry in cache_dir.iterdir():
+        if entry.name.startswith(".") or entry.resolve() == keep.path.resolve():
+            continue
+        try:
+            if not (entry / WHEELHOUSE_MANIFEST).is_file() or entry.stat().st_mtime > cutoff:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
+
+
 # --- verifying ------------------------------------------------------------------------------
 
 

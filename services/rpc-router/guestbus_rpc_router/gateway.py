@@ -27,6 +27,7 @@ from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter, Gauge
 
 from guestbus import pki
+from guestbus.ca_client import ca_call
 from guestbus.contract import (
     CA_INFO,
     CA_SERVER,
@@ -44,8 +45,6 @@ from guestbus.contract import (
 )
 from guestbus.runtime import BusError, ServiceContext
 from guestbus.terminator import LinkLimits, LinkMetrics, Terminator
-
-from guestbus.ca_client import ca_call
 
 log = logging.getLogger("guestbus.rpc-router.gateway")
 

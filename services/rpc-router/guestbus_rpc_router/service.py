@@ -20,6 +20,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from guestbus.ca_client import ca_call
 from guestbus.contract import (
     CA_ISSUE,
     CA_RENEW,
@@ -63,7 +64,6 @@ from guestbus.runtime import (
 from guestbus.wire import PROTOCOL_VERSION, errors
 
 from . import __version__
-from guestbus.ca_client import ca_call
 from .gateway import Gateway
 
 
