@@ -2,7 +2,7 @@
 """Install, upgrade or remove the guestbus agent, from the GUESTBUS ISO it sits on.
 
     sh install.sh                       install or upgrade, enable and (re)start the service
-    sh install.sh --no-start            the same, but do not start it
+    sh install.sh --no-start            the same, but do not (re)start it
     sh install.sh --uninstall [--purge] remove it (--purge: the VM's identity too)
     sh install.sh --root DIR            install under DIR instead of / (tests, inspection)
 
@@ -416,9 +416,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         description="Install or upgrade the guestbus agent from this ISO (offline), or remove it.",
     )
     p.add_argument(
-        "--root", help="install under DIR instead of / (no root needed; nothing started)"
+        "--root",
+        metavar="DIR",
+        help="install under DIR instead of / (no root needed; nothing started)",
     )
-    p.add_argument("--no-start", action="store_true", help="enable the service but do not start it")
+    p.add_argument(
+        "--no-start", action="store_true", help="enable the service but do not (re)start it"
+    )
     p.add_argument("--uninstall", action="store_true", help="remove the agent, its config and unit")
     p.add_argument(
         "--purge", action="store_true", help="with --uninstall: also remove the VM's identity"

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         type=Path,
+        metavar="FILE",
         help="the installed config JSON file, e.g. /etc/guestbus/config.json (default: "
         "read the ISO's, without installing it)",
     )
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="install the config, certificate and DR key of DIR (the ISO's root) at --config "
-        "and the state dir if DIR's config is newer, print what was done, and exit (0 done or "
-        "already current, 2 on any problem)",
+        "and in the state dir if DIR's config is newer, print one line saying what was done "
+        "and exit: 0 when done or when there was nothing to take, 2 on any problem",
     )
     p.add_argument(
         "--force",

@@ -81,9 +81,12 @@ def no_network_prefix() -> tuple[str, ...]:
     return ()
 
 
-def run_install(source: Path, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_install(
+    source: Path, root: Path, *args: str, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PYTHON=guest_python(), PIP_INDEX_URL="http://127.0.0.1:9/", PIP_NO_INDEX="1")
+    env.update(env_extra or {})
     argv = [*no_network_prefix(), "sh", str(source / "install.sh"), "--root", str(root), *args]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
@@ -393,6 +396,19 @@ def test_broken_venv_is_recreated_uninstall_keeps_the_identity_purge_removes_it(
     out = ok(run_install(source, scratch))
     assert "made by Python 3.8" in out
     assert subprocess.run([venv / "bin/guestbus-agent", "--version"]).returncode == 0
+
+    # A guest without the venv module (Debian without python3-venv), stood in for by a
+    # ``venv`` package that cannot run: the message says what to install, and the venv
+    # that was to be replaced is back as it was.
+    no_venv = tmp_path / "no-venv"
+    (no_venv / "venv").mkdir(parents=True)
+    (no_venv / "venv" / "__init__.py").write_text("")
+    cfg.write_text(cfg.read_text().replace("version = ", "version = 3.8.0\n#", 1))
+    before = tree(scratch)
+    err = failed(run_install(source, scratch, env_extra={"PYTHONPATH": str(no_venv)}))
+    assert "install python3-venv" in err
+    assert tree(scratch) == before
+    ok(run_install(source, scratch))
 
     out = ok(run_install(source, scratch, "--uninstall"))
     assert "kept" in out and "--purge removes it" in out
