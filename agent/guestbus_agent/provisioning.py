@@ -8,6 +8,7 @@ the next start takes the ISO again. CPython 3.9+, standard library plus ``crypto
 """
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 from . import layout
-from .config import AgentConfig, ConfigError, find_iso_mount, load, load_file
+from .config import AgentConfig, ConfigError, find_iso_mount, load, parse_config
 from .files import atomic_write
 from .identity import Identity, IdentityError, cert_info
 
@@ -166,7 +167,11 @@ def read_bundle(source: Path) -> Bundle:
     if not path.is_file():
         raise ProvisioningError(f"{source}: no {layout.ISO_CONFIG} here: not a GUESTBUS ISO")
     data = _read(path)
-    config = load_file(path)
+    try:
+        decoded = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    config = parse_config(decoded, str(path))  # the bytes checked are the bytes written
     return Bundle(config, data, _read_tls(source, config.vm_uuid), _read_dr_key(source))
 
 

@@ -581,8 +581,9 @@ def test_attached_unmounted_image_is_mounted_read_and_unmounted(
     subprocess.run(mkfs, check=True, capture_output=True)
     device = loop_device(image)
     mount_root = tmp_path / "run-iso"
-    locator = IsoLocator(by_label_dir=label_link(tmp_path, device), mount_root=str(mount_root))
-    locator = IsoLocator(**{**locator.__dict__, "fstype": "ext4"})
+    locator = IsoLocator(
+        by_label_dir=label_link(tmp_path, device), mount_root=str(mount_root), fstype="ext4"
+    )
 
     with iso_directory(locator) as where:
         assert where is not None and where.parent == mount_root
