@@ -10,8 +10,10 @@ import pytest
 from guestbus.broker import BrokerError, EmbeddedBroker, find_nats_server
 from guestbus.contract import (
     KV_CERTS,
+    KV_DR_KEYS,
     KV_DR_PLANS,
     KV_DR_RUNS,
+    KV_ISO_MANIFESTS,
     KV_LEASES,
     KV_VMS,
     LEASE_TTL_SECONDS,
@@ -22,7 +24,7 @@ from guestbus.contract import (
 from guestbus.provision import provision
 from guestbus.runtime.procs import pid_alive
 
-BUCKETS = (KV_VMS, KV_CERTS, KV_DR_PLANS, KV_DR_RUNS, KV_LEASES)
+BUCKETS = (KV_VMS, KV_CERTS, KV_DR_PLANS, KV_DR_RUNS, KV_LEASES, KV_ISO_MANIFESTS, KV_DR_KEYS)
 
 
 async def test_broker_start_provision_stop(tmp_path: Path) -> None:
