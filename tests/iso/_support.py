@@ -77,8 +77,9 @@ def pycdlib_read(path: Path, rr_path: str) -> tuple[bytes, int]:
 
 
 class IsoEnv:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **iso_overrides: Any) -> None:
         self.tmp = tmp
+        self.iso_overrides = iso_overrides
         self.broker = EmbeddedBroker(tmp / "broker", port=0, monitor_port=None)
         self.nc: Client
         self.js: JetStreamContext
@@ -125,8 +126,13 @@ class IsoEnv:
             "log_level": "WARNING",
             "event_loop": "asyncio",
         }
+        values.update(self.iso_overrides)
         values.update(overrides)
         return IsoSettings(**values)
+
+    async def host(self, service: Any, settings: Any, probe: str) -> ServiceHost:
+        """Start another service in-process and wait until ``probe`` has a responder."""
+        return await self._host(service, settings, probe)
 
     async def _host(self, service: Any, settings: Any, probe: str) -> ServiceHost:
         host = ServiceHost(service, settings)
