@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
 
 from guestbus.contract import AGENT_COMMANDS
 from guestbus.runtime import ServiceSettings
+from guestbus.runtime.settings import CommaList
 
 
 class IsoSettings(ServiceSettings):
@@ -29,7 +29,7 @@ class IsoSettings(ServiceSettings):
         default="/dev/ttyS1", description="The guest's serial device (COM2 = target port 1)."
     )
     iso_heartbeat_interval: float = Field(default=5.0, ge=0.05, le=3600)
-    iso_allowed_commands: Annotated[list[str], NoDecode] = Field(
+    iso_allowed_commands: CommaList = Field(
         default_factory=lambda: list(AGENT_COMMANDS),
         description="Comma-separated host commands the agents may serve.",
     )
@@ -50,13 +50,6 @@ class IsoSettings(ServiceSettings):
     iso_builder_host: str = Field(
         default_factory=socket.gethostname, description="Name of this instance in manifests."
     )
-
-    @field_validator("iso_allowed_commands", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [c.strip() for c in value.split(",") if c.strip()]
-        return value
 
     @field_validator("iso_allowed_commands")
     @classmethod

@@ -13,12 +13,10 @@ import re
 import socket
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
 
 from nats.micro.request import Request
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import NoDecode
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from guestbus.ca_client import ca_call
 from guestbus.contract import (
@@ -61,6 +59,7 @@ from guestbus.runtime import (
     ServiceSettings,
     parse_request,
 )
+from guestbus.runtime.settings import CommaList
 from guestbus.wire import PROTOCOL_VERSION, errors
 
 from . import __version__
@@ -85,10 +84,10 @@ class RouterSettings(ServiceSettings):
         default=2074, ge=0, le=65535, description="TLS gateway port (the IP fallback); 0: off."
     )
     tls_host: str = Field(default="0.0.0.0", description="Address the TLS gateway binds.")
-    tls_dns: Annotated[list[str], NoDecode] = Field(
+    tls_dns: CommaList = Field(
         default_factory=list, description="Extra DNS names in the gateway's certificate."
     )
-    tls_ips: Annotated[list[str], NoDecode] = Field(
+    tls_ips: CommaList = Field(
         default_factory=list, description="Extra IP addresses in the gateway's certificate."
     )
     tls_cert_file: str | None = Field(
@@ -107,13 +106,6 @@ class RouterSettings(ServiceSettings):
     gateway_command_timeout: float = Field(default=10.0, gt=0)
     gateway_rate_limit: float = Field(default=50.0, gt=0)
     gateway_rate_burst: int = Field(default=200, ge=1)
-
-    @field_validator("tls_dns", "tls_ips", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
     @model_validator(mode="after")
     def _files_together(self) -> RouterSettings:

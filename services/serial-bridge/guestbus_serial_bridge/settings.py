@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
 
 from guestbus.runtime import ServiceSettings
+from guestbus.runtime.settings import CommaList
 from guestbus.wire import MAX_FRAME
 
 from .discovery import DEFAULT_PATTERN, compile_pattern
@@ -19,7 +18,7 @@ class BridgeSettings(ServiceSettings):
         default=DEFAULT_PATTERN,
         description="Path pattern of VM serial sockets; {uuid} marks the VM uuid. Empty: off.",
     )
-    libvirt_xml_dirs: Annotated[list[str], NoDecode] = Field(
+    libvirt_xml_dirs: CommaList = Field(
         default_factory=lambda: ["/run/libvirt/qemu"],
         description="Comma-separated directories of libvirt domain XML (live or persistent).",
     )
@@ -40,13 +39,6 @@ class BridgeSettings(ServiceSettings):
     write_limit: int = Field(
         default=1 << 20, ge=4096, description="Bytes buffered towards one VM before refusing."
     )
-
-    @field_validator("libvirt_xml_dirs", mode="before")
-    @classmethod
-    def _split_dirs(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [d.strip() for d in value.split(",") if d.strip()]
-        return value
 
     @field_validator("socket_pattern")
     @classmethod

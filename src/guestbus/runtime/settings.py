@@ -10,16 +10,34 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import Field, SecretBytes, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 ENV_PREFIX = "GUESTBUS_"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 EventLoop = Literal["uvloop", "asyncio"]
+
+
+def split_commas(value: Any) -> Any:
+    """``"a, b,,c"`` → ``["a", "b", "c"]``; lists pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
+"""A list setting given as one comma-separated environment variable."""
 
 
 class ServiceSettings(BaseSettings):
