@@ -69,6 +69,20 @@ def interfaces() -> List[Dict[str, Any]]:
     return [{"name": n, "mac": None, "up": None, "addresses": []} for n in names]
 
 
+def agent_usage() -> Dict[str, Any]:
+    """The agent's own footprint (so operators can see what it costs the guest)."""
+    usage: Dict[str, Any] = {"agent_cpu_seconds": round(time.process_time(), 3)}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    usage["agent_rss_bytes"] = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return usage
+
+
 def guest_info(vm: str) -> Dict[str, Any]:
     return {
         "vm": vm,
@@ -80,6 +94,7 @@ def guest_info(vm: str) -> Dict[str, Any]:
         "python": platform.python_version(),
         "uptime": uptime_seconds(),
         "interfaces": interfaces(),
+        **agent_usage(),
     }
 
 

@@ -201,6 +201,10 @@ class GuestInfo(_Model):
     python: str | None = None
     uptime: float = Field(ge=0)
     interfaces: list[Interface] = Field(default_factory=list)
+    agent_rss_bytes: int | None = Field(default=None, description="The agent's resident memory.")
+    agent_cpu_seconds: float | None = Field(
+        default=None, description="CPU time the agent process has used since it started."
+    )
 
 
 class ReportAck(_Model):

@@ -63,7 +63,7 @@ def add_parser(sub: Any) -> None:
 
     p = sub.add_parser(
         "info",
-        help="what the agent reports: hostname, OS, kernel, interfaces, uptime",
+        help="what the agent reports: hostname, OS, kernel, interfaces, uptime, its own use",
         description="Ask the agent inside a VM for its host information.",
     )
     p.add_argument("vm", help="VM uuid, name, or unique uuid prefix")
@@ -106,6 +106,10 @@ def run_info(args: argparse.Namespace) -> int:
                 print(f"{key + ':':<15}{info[key]}")
         if "uptime" in info:
             print(f"{'uptime:':<15}{float(info['uptime']):.0f} s")
+        if info.get("agent_rss_bytes") is not None:
+            rss_mib = int(info["agent_rss_bytes"]) / (1024 * 1024)
+            cpu = float(info.get("agent_cpu_seconds") or 0)
+            print(f"{'agent uses:':<15}{rss_mib:.1f} MiB resident, {cpu:.2f} s CPU since start")
         print("interfaces:")
         for iface in info.get("interfaces", []):
             addrs = ", ".join(iface.get("addresses", [])) or "-"
