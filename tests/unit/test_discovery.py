@@ -14,6 +14,7 @@ from guestbus_serial_bridge.discovery import (
     compile_pattern,
     parse_domain_xml,
     scan,
+    scan_all,
     scan_pattern,
 )
 
@@ -98,3 +99,23 @@ def test_scan_merges_sources_and_ignores_missing_sockets(short_tmp: Path) -> Non
         sa.close()
     assert set(found) == {A}
     assert found[A].name == "named-a"  # XML knows the name; it wins over the pattern
+
+
+def test_scan_all_also_lists_defined_domains_without_a_socket(short_tmp: Path) -> None:
+    """A defined domain that is not running (persistent XML, no socket until QEMU starts) is
+    described, so the bridge can record it; only a socket that exists is linkable."""
+    socks = short_tmp / "socks"
+    xml_dir = short_tmp / "xml"
+    socks.mkdir()
+    xml_dir.mkdir()
+    sa = bind(socks / f"{A}.serial.1")
+    try:
+        (xml_dir / "a.xml").write_text(domain(A, "running", str(socks / f"{A}.serial.1")))
+        (xml_dir / "b.xml").write_text(domain(B, "defined", str(socks / f"{B}.serial.1")))
+        found, described = scan_all(None, [str(xml_dir)], 1)
+    finally:
+        sa.close()
+    assert set(found) == {A}
+    assert set(described) == {A, B}
+    assert described[B].name == "defined" and described[B].source == "libvirt-xml"
+    assert scan(None, [str(xml_dir)], 1) == found

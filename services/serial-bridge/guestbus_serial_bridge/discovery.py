@@ -143,11 +143,26 @@ def scan_xml_dir(directory: str, port: int) -> dict[str, VmSocket]:
 
 def scan(pattern: str | None, xml_dirs: list[str], port: int) -> dict[str, VmSocket]:
     """Every VM socket that exists now; XML (which knows names) wins over the pattern."""
+    return scan_all(pattern, xml_dirs, port)[0]
+
+
+def scan_all(
+    pattern: str | None, xml_dirs: list[str], port: int
+) -> tuple[dict[str, VmSocket], dict[str, VmSocket]]:
+    """(every VM socket that exists now, every VM the domain XML describes).
+
+    The second also holds domains that are defined but not running (persistent XML in
+    ``/etc/libvirt/qemu``, whose socket QEMU creates only at start): such a VM is known, so
+    it can be recorded (and get its ISO) before its first start, but there is nothing to
+    connect to yet.
+    """
     found: dict[str, VmSocket] = {}
+    described: dict[str, VmSocket] = {}
     if pattern:
         found.update(scan_pattern(pattern))
     for directory in xml_dirs:
         for uuid, vm in scan_xml_dir(directory, port).items():
+            described.setdefault(uuid, vm)
             if os.path.exists(vm.path):
                 found[uuid] = vm
-    return found
+    return found, described

@@ -24,7 +24,7 @@ from guestbus.runtime import BusService, ServiceContext
 from guestbus.terminator import LinkLimits, LinkMetrics
 
 from . import __version__
-from .discovery import VmSocket, scan
+from .discovery import VmSocket, scan_all
 from .link import VmLink
 from .settings import BridgeSettings
 
@@ -53,6 +53,8 @@ class SerialBridge(BusService):
         ctx.registry.register(_LinkCollector(self))
         self.vms = await self._open_registry(ctx)
         self._to_register: asyncio.Queue[VmSocket] = asyncio.Queue()
+        self._recorded: dict[str, str | None] = {}
+        """uuid → name of the VMs queued for the registry by this process."""
         ctx.spawn(self._register_forever(), name="register")
         await self.rescan()
         ctx.spawn(self._scan_forever(), name="discovery")
@@ -81,9 +83,9 @@ class SerialBridge(BusService):
                 self.ctx.log.exception("discovery scan failed")
 
     async def rescan(self) -> None:
-        found = await asyncio.get_running_loop().run_in_executor(
+        found, described = await asyncio.get_running_loop().run_in_executor(
             None,
-            scan,
+            scan_all,
             self.settings.socket_pattern or None,
             self.settings.libvirt_xml_dirs,
             self.settings.serial_port_index,
@@ -95,16 +97,28 @@ class SerialBridge(BusService):
             if link is not None and link.vm.path == vm.path:
                 if vm.name and link.vm.name != vm.name:
                     link.rename(vm)
-                    self._to_register.put_nowait(vm)
+                    self._record(vm, again=True)
                 continue
             if link is not None:
                 await self._drop(uuid)
             await self._add(vm)
+        # Defined domains that are not running (no socket yet) are recorded too, so a VM can
+        # get its ISO before its first start; it is linked once QEMU creates its socket.
+        for uuid, vm in described.items():
+            if uuid not in found:
+                self._record(vm)
+
+    def _record(self, vm: VmSocket, again: bool = False) -> None:
+        """Queue a VM for the registry: once per name seen for it, or ``again``."""
+        if not again and vm.uuid in self._recorded and self._recorded[vm.uuid] == vm.name:
+            return
+        self._recorded[vm.uuid] = vm.name
+        self._to_register.put_nowait(vm)
 
     async def _add(self, vm: VmSocket) -> None:
         link = VmLink(vm, self)
         self.links[vm.uuid] = link
-        self._to_register.put_nowait(vm)
+        self._record(vm, again=True)
         link.task = self.ctx.spawn(link.run(), name=f"link:{vm.uuid}")
         self.ctx.log.info(
             "VM discovered", extra={"vm": vm.uuid, "path": vm.path, "vm_name": vm.name}
