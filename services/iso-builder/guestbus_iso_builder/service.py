@@ -108,7 +108,10 @@ class IsoBuilder(BusService):
         self.agent_files = load_agent_files()
         self.wheelhouse: Wheelhouse | None = None
         self._wheelhouse_lock = asyncio.Lock()
-        self._slots = asyncio.Semaphore(settings.iso_concurrency)
+        self._slots = {
+            IsoKind.CONFIG_ONLY: asyncio.Semaphore(settings.iso_concurrency),
+            IsoKind.FULL: asyncio.Semaphore(settings.iso_full_concurrency),
+        }
         self.output_dir = settings.output_dir
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +222,7 @@ class IsoBuilder(BusService):
 
         async def one(vm: str) -> IsoResult:
             nonlocal done
-            async with self._slots:
+            async with self._slots[req.kind]:
                 result = await self._build_one(vm, req.kind, wheelhouse, req.store)
             done += 1
             error = result.error

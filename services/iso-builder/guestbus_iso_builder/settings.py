@@ -46,7 +46,19 @@ class IsoSettings(ServiceSettings):
         description="A directory of wheels to assemble the wheelhouse from (air-gapped "
         "hosts); default PyPI (pip's own configuration applies).",
     )
-    iso_concurrency: int = Field(default=8, ge=1, le=256, description="VMs built at once.")
+    iso_concurrency: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="Config-only ISOs built at once per replica (each waits mostly on the "
+        "CA and JetStream, so more than the cores).",
+    )
+    iso_full_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Full ISOs (~21 MB each, held in memory while stored) built at once.",
+    )
     iso_builder_host: str = Field(
         default_factory=socket.gethostname, description="Name of this instance in manifests."
     )
