@@ -19,7 +19,7 @@ ISO_CONFIG_NAME = layout.ISO_CONFIG
 DEFAULT_PORT = 2074
 DEFAULT_DEVICE = "/dev/ttyS1"  # COM2: target port 1 of the reference domain XML
 DEFAULT_STATE_DIR = layout.STATE_DIR
-KNOWN_COMMANDS = ("ping", "info", "allowed", "renew")
+KNOWN_COMMANDS = ("ping", "info", "allowed", "renew", "dr_apply", "dr_script")
 
 _UUID = re.compile(
     r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"

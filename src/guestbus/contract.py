@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -98,6 +98,10 @@ CMD_INFO: Final = "info"
 CMD_ALLOWED: Final = "allowed"
 CMD_RENEW: Final = "renew"
 """Ask the agent to renew its certificate now."""
+CMD_DR_APPLY: Final = "dr_apply"
+"""Apply a signed DR network change (:class:`DrSignedChange` of type ``network``)."""
+CMD_DR_SCRIPT: Final = "dr_script"
+"""Run the guest's DR recovery script (:class:`DrSignedChange` of type ``script``)."""
 
 # --- errors -------------------------------------------------------------------------------
 
@@ -704,9 +708,11 @@ def iso_object_name(vm: str) -> str:
 
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
-AGENT_COMMANDS: Final = (CMD_PING, CMD_INFO, CMD_ALLOWED, CMD_RENEW)
+AGENT_COMMANDS: Final = (CMD_PING, CMD_INFO, CMD_ALLOWED, CMD_RENEW, CMD_DR_APPLY, CMD_DR_SCRIPT)
 """Host commands an agent can be allowed to serve (the agent's own list must match)."""
-AgentCommand = Annotated[str, StringConstraints(pattern=r"^(ping|info|allowed|renew)$")]
+AgentCommand = Annotated[
+    str, StringConstraints(pattern=r"^(ping|info|allowed|renew|dr_apply|dr_script)$")
+]
 
 
 class AgentConfigFile(_Model):
@@ -838,5 +844,493 @@ SCHEMA_MODELS.update(
         "iso-list-reply": IsoListReply,
         "iso-get-request": IsoGetRequest,
         "iso-info": IsoInfo,
+    }
+)
+
+
+# --- DR ---
+# Service dr-orchestrator (docs/dr.md): micro endpoints ``gb.dr.<endpoint>`` in queue group
+# ``dr-orchestrator``; plans in KV ``gb_dr_plans`` (key: plan name); runs in KV ``gb_dr_runs``
+# (keys ``run.<run>``, ``vm.<run>.<vm>``, ``active.<run>``, ``cancel.<run>``); one lease per
+# run being driven in KV ``gb_leases`` (key ``dr-run.<run>``); progress events
+# ``gb.evt.dr.<run>.<vm>`` (and ``gb.evt.dr.<run>.run`` for the run itself). Changes pushed to
+# agents (``gb.guest.<vm>.dr_apply`` / ``dr_script``) are signed with the Ed25519 key of
+# ``gb_dr_keys``; agents verify them against ``dr-verify.pem`` from their ISO.
+
+DR_PREFIX: Final = "gb.dr"
+DR_QUEUE: Final = "dr-orchestrator"
+DR_PLAN_PUT: Final = "plan.put"
+DR_PLAN_GET: Final = "plan.get"
+DR_PLAN_LIST: Final = "plan.list"
+DR_PLAN_DELETE: Final = "plan.delete"
+DR_RUN_START: Final = "run.start"
+DR_RUN_GET: Final = "run.get"
+DR_RUN_LIST: Final = "run.list"
+DR_RUN_CANCEL: Final = "run.cancel"
+DR_INFO: Final = "info"
+DR_ENDPOINTS: Final = (
+    DR_PLAN_PUT,
+    DR_PLAN_GET,
+    DR_PLAN_LIST,
+    DR_PLAN_DELETE,
+    DR_RUN_START,
+    DR_RUN_GET,
+    DR_RUN_LIST,
+    DR_RUN_CANCEL,
+    DR_INFO,
+)
+EVT_DR: Final = "dr"
+"""Progress of a DR run: ``gb.evt.dr.<run>.<vm>``, ``gb.evt.dr.<run>.run`` (:class:`DrProgress`)."""
+DR_LEASE_PREFIX: Final = "dr-run."
+"""Key prefix in :data:`KV_LEASES`: ``dr-run.<run>`` names the replica driving that run."""
+
+DR_SIGNATURE_CONTEXT: Final = b"guestbus-dr-v1\n"
+"""Signed bytes are this prefix followed by the UTF-8 payload text (domain separation)."""
+DR_SCRIPT_PRODUCTION: Final = "/usr/local/sbin/production_vm_recovery"
+DR_SCRIPT_TEST: Final = "/usr/local/sbin/test_vm_recovery"
+DR_MAX_PAGE: Final = 500
+"""VM statuses per ``gb.dr.run.get`` reply (page with ``offset``)."""
+
+ERROR_INVALID_PLAN: Final = "invalid_plan"
+"""The plan breaks a rule; ``details.problems`` lists every problem found."""
+ERROR_CONFLICT: Final = "conflict"
+"""A concurrent change won (plan revision), or a VM is already in another active run."""
+ERROR_NO_SIGNING_KEY: Final = "no_signing_key"
+"""dr-orchestrator cannot read the DR private key from KV ``gb_dr_keys``."""
+
+
+def dr_subject(endpoint: str) -> str:
+    """``gb.dr.<endpoint>``: a dr-orchestrator endpoint (``plan.put``, ``run.start``, …)."""
+    if endpoint not in DR_ENDPOINTS:
+        raise ValueError(f"no dr-orchestrator endpoint {endpoint!r}")
+    return f"{DR_PREFIX}.{endpoint}"
+
+
+def dr_event_subject(run: str, vm: str | None = None) -> str:
+    """``gb.evt.dr.<run>.<vm>``, or ``gb.evt.dr.<run>.run`` for the run itself."""
+    return f"{EVT_PREFIX}.{EVT_DR}.{_token(run, 'run')}.{_token(vm or 'run', 'vm')}"
+
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+"""Plan names and run ids: one subject / KV key token."""
+Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+IpText = Annotated[str, StringConstraints(min_length=1, max_length=45, strip_whitespace=True)]
+DnsName = Annotated[str, StringConstraints(min_length=1, max_length=253, strip_whitespace=True)]
+VmRef = Annotated[str, StringConstraints(min_length=1, max_length=255, strip_whitespace=True)]
+"""A VM by uuid or by its registry name."""
+
+
+class DrRunKind(StrEnum):
+    FAILOVER = "failover"
+    """Real failover: ``mappings``, ``production_vm_recovery``."""
+    TEST = "test"
+    """Test failover: ``test_mappings``, ``test_vm_recovery``."""
+
+
+class DrRoute(_Model):
+    to: Cidr = Field(description="Destination network (CIDR).")
+    via: IpText = Field(description="Next hop; inside one of the interface's new networks.")
+
+
+class DrMapping(_Model):
+    """One ordered rule: an address inside ``source`` moves into ``target`` keeping its host
+    offset (10.0.0.17 in 10.0.0.0/24 → 10.9.0.17 in 10.9.0.0/24). First match wins."""
+
+    source: Cidr
+    target: Cidr
+    gateway: IpText | None = Field(default=None, description="Default gateway (inside target).")
+    dns: list[IpText] = Field(default_factory=list, max_length=8)
+    search: list[DnsName] = Field(default_factory=list, max_length=16)
+    routes: list[DrRoute] = Field(default_factory=list, max_length=64)
+
+
+class DrAddresses(_Model):
+    """Custom addresses for one VM (they override the rules)."""
+
+    addresses: list[Cidr] = Field(
+        default_factory=list, max_length=32, description="CIDRs with prefix, e.g. 10.9.0.200/24."
+    )
+    gateway: IpText | None = None
+    dns: list[IpText] | None = Field(default=None, max_length=8)
+    search: list[DnsName] | None = Field(default=None, max_length=16)
+
+
+class DrVmOverride(DrAddresses):
+    """Per-VM settings of a plan: custom addresses (failover and test), which interface
+    they go on, whether its script runs, whether its failure stops later groups."""
+
+    vm: VmRef
+    interface: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        default=None, description="Interface name or MAC for the custom addresses."
+    )
+    test: DrAddresses | None = Field(default=None, description="Custom addresses for tests.")
+    script: bool | Literal["optional"] | None = Field(
+        default=None, description="Overrides the plan's script setting for this VM."
+    )
+    critical: bool = Field(
+        default=False, description="A failure of this VM stops the groups after its own."
+    )
+
+
+class DrTimeouts(_Model):
+    link: float = Field(default=300, gt=0, le=86400, description="Wait for the VM's link (s).")
+    apply: float = Field(
+        default=60, gt=0, le=3600, description="Apply and confirm the network change (s)."
+    )
+    script: float = Field(default=300, gt=0, le=86400, description="Recovery script (s).")
+    gateway: float = Field(
+        default=20,
+        ge=0,
+        le=3600,
+        description="Roll back unless the new gateway answers within this (s); 0 = no check.",
+    )
+
+
+class DrPlan(_Model):
+    """A DR plan (KV ``gb_dr_plans``, key: name). Validated as a whole on ``plan.put``."""
+
+    name: Name
+    description: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    mappings: list[DrMapping] = Field(default_factory=list, max_length=1024)
+    test_mappings: list[DrMapping] = Field(default_factory=list, max_length=1024)
+    vms: list[DrVmOverride] = Field(default_factory=list, max_length=100000)
+    groups: list[list[VmRef]] = Field(min_length=1, max_length=1000)
+    script: bool | Literal["optional"] = Field(
+        default=False,
+        description="Run the guest's recovery script after the network change; 'optional': "
+        "a missing script is not a failure.",
+    )
+    timeouts: DrTimeouts = Field(default_factory=DrTimeouts)
+    stop_on_failure: bool = Field(
+        default=False, description="Any failed VM stops the groups after its own."
+    )
+    recovery_hosts: list[Annotated[str, StringConstraints(max_length=255)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Only links through these hosts (bridges/gateways) count as up; empty: any.",
+    )
+
+
+class DrPlanRecord(_Model):
+    plan: DrPlan
+    revision: int = Field(description="KV revision: pass it as expected_revision to update.")
+    updated_at: datetime
+
+
+class DrPlanPutRequest(_Model):
+    plan: DrPlan
+    expected_revision: int | None = Field(
+        default=None,
+        ge=0,
+        description="Fail with 'conflict' unless the stored plan has it "
+        "(0: the plan must not exist yet).",
+    )
+    validate_only: bool = False
+
+
+class DrPlanPutReply(_Model):
+    name: Name
+    revision: int | None = Field(description="None when validate_only.")
+    created: bool
+    vms: int
+    groups: int
+    warnings: list[str] = Field(default_factory=list)
+
+
+class DrPlanGetRequest(_Model):
+    name: Name
+
+
+class DrPlanSummary(_Model):
+    name: Name
+    description: str | None = None
+    vms: int
+    groups: int
+    revision: int
+    updated_at: datetime
+
+
+class DrPlanListReply(_Model):
+    plans: list[DrPlanSummary]
+
+
+class DrRunState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    """Finished with at least one VM failed."""
+    CANCELLED = "cancelled"
+
+
+class DrVmState(StrEnum):
+    PENDING = "pending"
+    WAITING = "waiting-for-link"
+    APPLYING = "applying"
+    APPLIED = "applied"
+    SCRIPT = "running-script"
+    SCRIPT_OK = "script-ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    """Not started: an earlier group failed and the plan stops on failure."""
+    CANCELLED = "cancelled"
+
+
+class DrStepState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class DrStep(_Model):
+    state: DrStepState = DrStepState.PENDING
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    attempts: int = 0
+    detail: str | None = None
+
+
+class DrInterfaceTarget(_Model):
+    """One interface's new configuration (found in the guest by MAC, else by name)."""
+
+    name: str | None = None
+    mac: str | None = None
+    addresses: list[Cidr] = Field(description="The new addresses (CIDR).")
+    previous: list[Cidr] = Field(default_factory=list, description="Addresses they replace.")
+    gateways: list[IpText] = Field(
+        default_factory=list, description="Default route via each (at most one per family)."
+    )
+    routes: list[DrRoute] = Field(default_factory=list)
+
+
+class DrTarget(_Model):
+    interfaces: list[DrInterfaceTarget]
+    dns: list[IpText] = Field(default_factory=list)
+    search: list[DnsName] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="e.g. addresses left as they were.")
+
+
+class DrScriptResult(_Model):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    outcome: Literal["ok", "failed", "timeout", "not_found", "refused", "interrupted", "skipped"]
+    path: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    seconds: float | None = None
+    tail: str = Field(default="", description="The last bytes of its output (stdout+stderr).")
+    output_bytes: int = 0
+    reason: str | None = None
+
+
+class DrVmStatus(_Model):
+    """One VM of a run (KV ``gb_dr_runs``, key ``vm.<run>.<vm>``)."""
+
+    run: Name
+    vm: Uuid
+    name: str | None = None
+    group: int
+    state: DrVmState = DrVmState.PENDING
+    finished: bool = False
+    reason: str | None = Field(default=None, description="Why it failed (or was skipped).")
+    critical: bool = False
+    link: str | None = Field(default=None, description="kind@host of the link used.")
+    steps: dict[str, DrStep] = Field(
+        default_factory=dict, description="'link', 'network', 'script'."
+    )
+    target: DrTarget | None = None
+    reported: list[Interface] = Field(
+        default_factory=list, description="Interfaces as the agent reported them after applying."
+    )
+    persisted: list[str] = Field(default_factory=list, description="'stack: file' written.")
+    warnings: list[str] = Field(default_factory=list)
+    repeat: bool = Field(
+        default=False, description="The agent had applied this run's change already."
+    )
+    script: DrScriptResult | None = None
+    started_at: datetime | None = None
+    applied_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DrRun(_Model):
+    """A run (KV ``gb_dr_runs``, key ``run.<run>``); its VMs are ``vm.<run>.<vm>``."""
+
+    id: Name
+    plan: Name
+    plan_revision: int
+    kind: DrRunKind
+    state: DrRunState = DrRunState.RUNNING
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    groups: list[list[Uuid]]
+    names: dict[str, str] = Field(default_factory=dict, description="VM uuid → name.")
+    total: int
+    counts: dict[str, int] = Field(
+        default_factory=dict, description="VMs per state (at group ends)."
+    )
+    current_group: int = 0
+    driver: str | None = Field(default=None, description="Instance driving it (last known).")
+    resumed: int = Field(default=0, description="How often a driver picked it up again.")
+    reason: str | None = None
+    plan_snapshot: DrPlan
+
+
+class DrRunSummary(_Model):
+    id: Name
+    plan: Name
+    kind: DrRunKind
+    state: DrRunState
+    created_at: datetime
+    finished_at: datetime | None = None
+    total: int
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+class DrRunStartRequest(_Model):
+    plan: Name
+    kind: DrRunKind = DrRunKind.FAILOVER
+    run: Name | None = Field(
+        default=None,
+        description="Run id chosen by the caller (subscribe to its events first); "
+        "default: a new one.",
+    )
+
+
+class DrRunGetRequest(_Model):
+    run: Name
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=DR_MAX_PAGE, ge=0, le=DR_MAX_PAGE, description="0: run only.")
+
+
+class DrRunGetReply(_Model):
+    run: DrRun
+    vms: list[DrVmStatus] = Field(description="In group order, then name.")
+    total: int
+
+
+class DrRunListRequest(_Model):
+    plan: Name | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class DrRunListReply(_Model):
+    runs: list[DrRunSummary] = Field(description="Newest first.")
+
+
+class DrRunCancelRequest(_Model):
+    run: Name
+
+
+class DrProgress(_Model):
+    """``gb.evt.dr.<run>.<vm>``: a VM changed state; ``gb.evt.dr.<run>.run`` (no ``vm``):
+    the run did."""
+
+    run: Name
+    vm: Uuid | None = None
+    name: str | None = None
+    group: int | None = None
+    state: str
+    finished: bool = False
+    reason: str | None = None
+    counts: dict[str, int] | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class DrInfo(_Model):
+    instance: str
+    key_id: str = Field(description="Id of the signing key (first 16 hex of SHA-256 of its DER).")
+    public_key: str
+    driving: list[str] = Field(description="Runs this replica drives now.")
+
+
+# The signed change an agent verifies (gb.guest.<vm>.dr_apply / dr_script).
+
+
+class DrSignedChange(_Model):
+    """What ``dr_apply`` and ``dr_script`` carry: ``payload`` is JSON text
+    (:class:`DrChangePayload`); ``signature`` is base64 Ed25519 over
+    ``DR_SIGNATURE_CONTEXT + payload.encode()``."""
+
+    payload: Annotated[str, StringConstraints(max_length=200000)]
+    signature: Annotated[str, StringConstraints(max_length=200)]
+    key_id: str | None = None
+
+
+class DrNetworkChange(_Model):
+    interfaces: list[DrInterfaceTarget] = Field(min_length=1, max_length=64)
+    dns: list[IpText] = Field(default_factory=list)
+    search: list[DnsName] = Field(default_factory=list)
+    gateway_timeout: float = Field(ge=0, description="Roll back unless reached (0: no check).")
+
+
+class DrScriptChange(_Model):
+    which: Literal["production", "test"]
+    timeout: float = Field(gt=0, description="Hard timeout; the script is killed after it.")
+    required: bool = Field(default=True, description="False: a missing script is not an error.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="GUESTBUS_DR_* variables (others are refused)."
+    )
+
+
+class DrChangePayload(_Model):
+    v: Literal[1] = 1
+    type: Literal["network", "script"]
+    run: Name
+    plan: Name
+    kind: DrRunKind
+    vm: Uuid
+    issued_at: float = Field(description="Epoch seconds.")
+    not_before: float
+    not_after: float
+    network: DrNetworkChange | None = None
+    script: DrScriptChange | None = None
+
+
+class DrApplyResult(_Model):
+    """The agent's answer to ``dr_apply``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    outcome: Literal["applied", "rolled_back", "failed"]
+    run: Name
+    reason: str | None = None
+    interfaces: list[Interface] = Field(default_factory=list, description="Read back after.")
+    persisted: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    repeat: bool = Field(default=False, description="Already applied: acknowledged, not redone.")
+    seconds: float | None = None
+
+
+class DrScriptReply(DrScriptResult):
+    run: Name
+    repeat: bool = False
+
+
+SCHEMA_MODELS.update(
+    {
+        "dr-plan": DrPlan,
+        "dr-plan-record": DrPlanRecord,
+        "dr-plan-put-request": DrPlanPutRequest,
+        "dr-plan-put-reply": DrPlanPutReply,
+        "dr-plan-get-request": DrPlanGetRequest,
+        "dr-plan-list-reply": DrPlanListReply,
+        "dr-run": DrRun,
+        "dr-run-summary": DrRunSummary,
+        "dr-vm-status": DrVmStatus,
+        "dr-run-start-request": DrRunStartRequest,
+        "dr-run-get-request": DrRunGetRequest,
+        "dr-run-get-reply": DrRunGetReply,
+        "dr-run-list-request": DrRunListRequest,
+        "dr-run-list-reply": DrRunListReply,
+        "dr-run-cancel-request": DrRunCancelRequest,
+        "dr-progress": DrProgress,
+        "dr-info": DrInfo,
+        "dr-signed-change": DrSignedChange,
+        "dr-change-payload": DrChangePayload,
+        "dr-apply-result": DrApplyResult,
+        "dr-script-reply": DrScriptReply,
     }
 )

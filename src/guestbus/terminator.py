@@ -54,7 +54,18 @@ from guestbus.wire.aio import Channel, LinkClosed, RemoteError
 log = logging.getLogger("guestbus.link")
 
 KNOWN_METHODS = frozenset(
-    {"ping", "info", "allowed", "renew", "hello", "heartbeat", "report", "enroll"}
+    {
+        "ping",
+        "info",
+        "allowed",
+        "renew",
+        "dr_apply",
+        "dr_script",
+        "hello",
+        "heartbeat",
+        "report",
+        "enroll",
+    }
 )
 GUEST_RPCS = frozenset({"hello", "heartbeat", "report", "enroll", "renew"})
 """Guest-initiated RPCs a terminator forwards to ``gb.rpc.<method>`` (rpc-router serves them)."""
@@ -74,6 +85,8 @@ STATUS = {
     errors.LINK_LOST: 503,
     errors.UNAVAILABLE: 503,
     errors.INTERNAL: 500,
+    errors.BAD_SIGNATURE: 403,
+    errors.STALE: 409,
 }
 """HTTP-like status of each wire error code, for the nats.micro error headers."""
 

@@ -29,7 +29,7 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.serial_device == "/dev/ttyS1"
     assert cfg.serial_failure_limit == 3
     assert cfg.heartbeat_failure_limit == 20
-    assert cfg.allowed_commands == ("ping", "info", "allowed", "renew")
+    assert cfg.allowed_commands == ("ping", "info", "allowed", "renew", "dr_apply", "dr_script")
     assert cfg.state_dir == "/var/lib/guestbus" and cfg.ip_fallback is True
 
 

@@ -19,6 +19,8 @@ TOO_LARGE = "too_large"  # a request or its result does not fit in one frame
 UNAVAILABLE = "unavailable"  # a dependency is down or the link is congested; retry later
 INTERNAL = "internal"  # a bug on the answering side; the message says where
 LINK_LOST = "link_lost"  # the connection dropped while the request was in flight
+BAD_SIGNATURE = "bad_signature"  # a signed change is unsigned, mis-signed or has no key to check
+STALE = "stale"  # a signed change expired, is not yet valid, or is older than one already applied
 
 ALL_CODES: Tuple[str, ...] = (
     BAD_REQUEST,
@@ -34,4 +36,6 @@ ALL_CODES: Tuple[str, ...] = (
     UNAVAILABLE,
     INTERNAL,
     LINK_LOST,
+    BAD_SIGNATURE,
+    STALE,
 )
