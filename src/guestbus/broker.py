@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -68,8 +69,9 @@ class EmbeddedBroker:
 
     ``port=0`` (or ``monitor_port=0``) picks a free port; ``monitor_port=None`` disables the
     HTTP monitor. ``config_text`` is appended to the generated configuration (e.g. accounts
-    and permissions). Use ``await start()``/``await stop()``, ``start_sync()``/``stop_sync()``,
-    or ``async with``.
+    and permissions); ``env`` is added to the server's environment (values the configuration
+    references as ``$NAME``, such as passwords, which then never touch the disk). Use
+    ``await start()``/``await stop()``, ``start_sync()``/``stop_sync()``, or ``async with``.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class EmbeddedBroker:
         monitor_port: int | None = DEFAULT_MONITOR_PORT,
         config_text: str | None = None,
         *,
+        env: Mapping[str, str] | None = None,
         binary: Path | None = None,
         startup_timeout: float = 15.0,
         stop_timeout: float = 10.0,
@@ -89,6 +92,7 @@ class EmbeddedBroker:
         self.port = port
         self.monitor_port = monitor_port
         self.config_text = config_text
+        self.env = dict(env or {})
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -170,6 +174,7 @@ class EmbeddedBroker:
             stdout=self._log_fh,
             stderr=subprocess.STDOUT,
             cwd=self.state_dir,
+            env={**os.environ, **self.env} if self.env else None,
             start_new_session=True,
             preexec_fn=child_preexec(),
         )

@@ -50,21 +50,22 @@ async def ensure_public_key(kv: KeyValue, wait: float = 10.0) -> bytes:
     if existing is not None:
         load_public(existing)
         return existing
-    if await _get(kv, DR_KEY_PRIVATE) is None:
-        key = Ed25519PrivateKey.generate()
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        try:
-            await kv.create(DR_KEY_PRIVATE, private)
-        except KeyWrongLastSequenceError:
-            pass  # another replica won; its public key follows
-        else:
-            pem = public_pem(key)
-            await kv.put(DR_KEY_PUBLIC, pem)
-            return pem
+    # Create-only, without reading the private key first: only dr-orchestrator may read it
+    # (NATS permissions), so whoever else creates the pair never sees it again.
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    try:
+        await kv.create(DR_KEY_PRIVATE, private)
+    except KeyWrongLastSequenceError:
+        pass  # another replica won; its public key follows
+    else:
+        pem = public_pem(key)
+        await kv.put(DR_KEY_PUBLIC, pem)
+        return pem
     # The private key exists: its creator is about to store the public key.
     deadline = asyncio.get_running_loop().time() + wait
     while asyncio.get_running_loop().time() < deadline:

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import nats
+import pytest
 
 from guestbus.contract import KV_LEASES, KV_VMS, OBJ_ISOS, STREAM_EVENTS
 from guestbus.runtime.procs import pid_alive
@@ -32,7 +33,21 @@ async def test_up_starts_broker_provisions_and_stops_clean(tmp_path: Path) -> No
         m = await proc.wait_for(URL_RX)
         url, broker_pid = m.group(1), int(m.group(2))
         await proc.wait_for(r"guestbus up: ready")
-        nc = await nats.connect(url)
+        # Least privilege by default: no anonymous clients; the operator's credentials are
+        # in the state directory (mode 0600) and are what the CLI uses.
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
+        creds_path = tmp_path / "operator.json"
+        assert creds_path.stat().st_mode & 0o777 == 0o600
+        creds = json.loads(creds_path.read_text())
+        assert creds["url"] == url and creds["user"] == "operator"
+        assert creds["password"] not in (tmp_path / "nats-server.conf").read_text()
+        nc = await nats.connect(
+            url,
+            user=creds["user"],
+            password=creds["password"],
+            inbox_prefix=creds["inbox_prefix"],
+        )
         js = nc.jetstream()
         await js.stream_info(STREAM_EVENTS)
         await js.key_value(KV_VMS)
@@ -46,15 +61,22 @@ async def test_up_starts_broker_provisions_and_stops_clean(tmp_path: Path) -> No
         proc.kill()
     assert not pid_alive(broker_pid)
     assert (tmp_path / "nats").is_dir()
+    assert not creds_path.exists()  # the password dies with the run
     assert "Traceback" not in proc.output()
 
 
 SUPERVISED = """
 import sys
+from guestbus import permissions as p
 from guestbus.cli import up
 up.SERVICES.clear()  # only the services of this test
 up.SERVICES.append(up.ServiceEntry("sample", "runtime.sample_service", {port}))
 up.SERVICES.append(up.ServiceEntry("ghost", "guestbus_no_such_service.main", 0))
+# a site's own service gets its own NATS user: its endpoints and nothing else; the
+# operator may call them
+p.register(p.Role("sample", "test service", p.sub("{prefix}.*")))
+op = p.ROLES[p.OPERATOR]
+p.register(p.Role(op.name, op.description, op.grant + p.pub("{prefix}.*"), service=False))
 sys.exit(up.main(sys.argv[1:]))
 """
 
@@ -65,7 +87,7 @@ async def test_up_supervises_services(tmp_path: Path) -> None:
     proc = Proc(
         python(
             "-c",
-            SUPERVISED.format(port=port),
+            SUPERVISED.format(port=port, prefix=prefix),
             "--state-dir",
             str(tmp_path),
             "--port",
@@ -84,7 +106,13 @@ async def test_up_supervises_services(tmp_path: Path) -> None:
         await proc.wait_for(r"ghost\s+-\s+-\s+skipped \(not installed\)")
         await proc.wait_for(r"guestbus up: ready")
 
-        nc = await nats.connect(url)
+        creds = json.loads((tmp_path / "operator.json").read_text())
+        nc = await nats.connect(
+            url,
+            user=creds["user"],
+            password=creds["password"],
+            inbox_prefix=creds["inbox_prefix"],
+        )
         ping = json.loads((await nc.request("$SRV.PING.sample", b"", timeout=2)).data)
         assert ping["name"] == "sample"
         assert (await nc.request(f"{prefix}.echo", b"hi", timeout=2)).data == b"hi"

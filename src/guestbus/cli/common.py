@@ -18,6 +18,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
 from guestbus.contract import KV_VMS, VmRecord
+from guestbus.credentials import read_operator_file
+from guestbus.permissions import OPERATOR, inbox_prefix
 from guestbus.registry import Registry
 from guestbus.runtime import BusError, check_reply
 
@@ -41,7 +43,15 @@ def nats_url(args: argparse.Namespace) -> str:
     return str(getattr(args, "nats", None) or os.environ.get("GUESTBUS_NATS_URL") or DEFAULT_URL)
 
 
-async def connect(args: argparse.Namespace) -> Client:
+def _explicit_url(args: argparse.Namespace) -> str | None:
+    return getattr(args, "nats", None) or os.environ.get("GUESTBUS_NATS_URL") or None
+
+
+async def connect(args: argparse.Namespace, role: str = OPERATOR) -> Client:
+    """Connect as the operator (or ``role``): credentials from ``GUESTBUS_NATS_USER`` /
+    ``GUESTBUS_NATS_PASSWORD`` or ``GUESTBUS_NATS_CREDS``; without them, the embedded
+    cluster's operator file (``./.guestbus/operator.json``, ``$GUESTBUS_OPERATOR_FILE``),
+    whose URL is used too unless one is given."""
     url = nats_url(args)
     options: dict[str, Any] = {
         "servers": [url],
@@ -49,11 +59,20 @@ async def connect(args: argparse.Namespace) -> Client:
         "connect_timeout": 3,
         "allow_reconnect": False,
         "max_reconnect_attempts": 0,
+        "inbox_prefix": os.environ.get("GUESTBUS_NATS_INBOX_PREFIX") or inbox_prefix(role),
     }
     user, password = os.environ.get("GUESTBUS_NATS_USER"), os.environ.get("GUESTBUS_NATS_PASSWORD")
+    creds = os.environ.get("GUESTBUS_NATS_CREDS")
     if user:
         options.update(user=user, password=password or "")
-    creds = os.environ.get("GUESTBUS_NATS_CREDS")
+    elif not creds:
+        saved = read_operator_file()
+        explicit = _explicit_url(args)
+        if saved is not None and (explicit is None or explicit == saved.get("url")):
+            url = str(saved.get("url") or url)
+            options.update(servers=[url], user=saved["user"], password=saved["password"])
+            if not os.environ.get("GUESTBUS_NATS_INBOX_PREFIX") and saved.get("inbox_prefix"):
+                options["inbox_prefix"] = str(saved["inbox_prefix"])
     if creds:
         options["user_credentials"] = creds
 
@@ -73,7 +92,8 @@ async def connect(args: argparse.Namespace) -> Client:
         if "authorization" in str(exc).lower():
             raise CliError(
                 f"NATS at {url} refused our credentials: set GUESTBUS_NATS_USER/"
-                "GUESTBUS_NATS_PASSWORD or GUESTBUS_NATS_CREDS"
+                "GUESTBUS_NATS_PASSWORD or GUESTBUS_NATS_CREDS (the embedded cluster's are in "
+                "<state-dir>/operator.json while `guestbus up` runs)"
             ) from None
         raise
 

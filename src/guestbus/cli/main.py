@@ -19,6 +19,7 @@ COMMANDS = (
     "guestbus.cli.cert",
     "guestbus.cli.iso",
     "guestbus.cli.schemas",
+    "guestbus.cli.deploy",
 )
 
 

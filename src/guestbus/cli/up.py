@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,14 @@ class ServiceEntry:
     func: str = "main"
     env: Mapping[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
+    role: str | None = None
+    """NATS user and permissions (``guestbus.permissions``); default: the entry's name."""
+    bus: bool = True
+    """False for a helper that does not talk to NATS (no credentials)."""
+
+    @property
+    def nats_role(self) -> str:
+        return self.role or self.name
 
 
 SERVICES: list[ServiceEntry] = [
@@ -227,6 +235,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="where the services' JSON logs go: STATE_DIR/logs/NAME.log (default) or here",
     )
     parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run the embedded broker without users and permissions (development only; by "
+        "default every service and the CLI get their own user with least privilege)",
+    )
+    parser.add_argument(
         "--demo",
         type=int,
         default=0,
@@ -266,7 +280,7 @@ def service_entries(args: argparse.Namespace, state_dir: Path) -> list[ServiceEn
                 GUESTBUS_BRIDGE_HOST="lab",
                 GUESTBUS_SCAN_INTERVAL="1",
             )
-            entry = ServiceEntry(entry.name, entry.module, entry.http_port, entry.func, env)
+            entry = replace(entry, env=env)
         entries.append(entry)
     entries.append(
         ServiceEntry(
@@ -286,6 +300,7 @@ def service_entries(args: argparse.Namespace, state_dir: Path) -> list[ServiceEn
                 "--xml-dir",
                 str(lab_dir / "xml"),
             ),
+            bus=False,
         )
     )
     return entries
@@ -353,7 +368,11 @@ async def _status_table(
 
 
 async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> int:
+    from pydantic import SecretStr
+
     from guestbus.broker import BrokerError, EmbeddedBroker
+    from guestbus.credentials import OPERATOR_FILE_NAME, EmbeddedAuth
+    from guestbus.permissions import OPERATOR, inbox_prefix
     from guestbus.provision import provision
     from guestbus.runtime.nats import connect
     from guestbus.runtime.settings import ServiceSettings, load_settings
@@ -381,7 +400,13 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
     supervisors: list[asyncio.Task[None]] = []
     extras: list[asyncio.Task[None]] = []
     status = 0
+    auth: EmbeddedAuth | None = None
+    operator_path = state_dir / OPERATOR_FILE_NAME
     try:
+        if getattr(args, "demo", 0) < 0:
+            say("--demo must be 0 or more", err=True)
+            return 2
+        entries = service_entries(args, state_dir)
         external = os.environ.get("GUESTBUS_NATS_URL")
         if external:
             url = external
@@ -390,7 +415,21 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
             monitor = args.monitor_port
             if monitor is None:
                 monitor = 0 if args.port == 0 else 8222
-            broker = EmbeddedBroker(state_dir, host=args.host, port=args.port, monitor_port=monitor)
+            if not getattr(args, "no_auth", False):
+                roles = [e.nats_role for e in entries if e.bus and module_available(e.module)]
+                try:
+                    auth = EmbeddedAuth.generate(roles)
+                except KeyError as err:
+                    say(f"{err.args[0]} (or run with --no-auth)", err=True)
+                    return 2
+            broker = EmbeddedBroker(
+                state_dir,
+                host=args.host,
+                port=args.port,
+                monitor_port=monitor,
+                config_text=auth.config_text() if auth else None,
+                env=auth.server_env() if auth else None,
+            )
             try:
                 await broker.start()
             except BrokerError as err:
@@ -401,12 +440,30 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
                 f"embedded NATS at {url} (pid {broker.pid}, monitor {broker.monitor_url}, "
                 f"state in {state_dir})"
             )
+            if auth is not None:
+                auth.write_operator_file(operator_path, url)
+                say(
+                    f"NATS users: one per service with least privilege; operator credentials "
+                    f"in {operator_path} (the CLI reads them from there)"
+                )
+            else:
+                say("NATS without users or permissions (--no-auth): development only", err=True)
         if stop.is_set():
             return 0
 
         settings = load_settings(ServiceSettings).model_copy(update={"nats_url": url})
+        if auth is not None:
+            settings = settings.model_copy(
+                update={
+                    "nats_user": OPERATOR,
+                    "nats_password": SecretStr(auth.passwords[OPERATOR]),
+                    "nats_creds": None,
+                }
+            )
         try:
-            nc = await asyncio.wait_for(connect(settings, "guestbus-up"), 20.0)
+            nc = await asyncio.wait_for(
+                connect(settings, "guestbus-up", inbox_prefix=inbox_prefix(OPERATOR)), 20.0
+            )
         except (asyncio.TimeoutError, OSError) as err:
             say(f"cannot connect to NATS at {_redact(url)}: {err!r}", err=True)
             return 1
@@ -414,10 +471,7 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
         say(f"provisioned JetStream: {summary}")
 
         skipped: list[ServiceEntry] = []
-        if getattr(args, "demo", 0) < 0:
-            say("--demo must be 0 or more", err=True)
-            return 2
-        for entry in service_entries(args, state_dir):
+        for entry in entries:
             if not module_available(entry.module):
                 say(
                     f"warning: skipping service {entry.name}: module {entry.module} is not "
@@ -432,6 +486,11 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
                 GUESTBUS_HTTP_PORT=str(entry.http_port),
                 GUESTBUS_STATE_DIR=str(state_dir / "services" / entry.name),
             )
+            if auth is not None:
+                for name in ("GUESTBUS_NATS_USER", "GUESTBUS_NATS_PASSWORD", "GUESTBUS_NATS_CREDS"):
+                    env.pop(name, None)
+                if entry.bus:
+                    env.update(auth.client_env(entry.nats_role))
             env.update(entry.env)
             log_path = None if args.logs == "terminal" else state_dir / "logs" / f"{entry.name}.log"
             child = ChildService(entry, env, log_path)
@@ -473,6 +532,9 @@ async def _run(args: argparse.Namespace, extra_tasks: Sequence[ExtraTask]) -> in
                 await nc.close()
         if broker is not None:
             await broker.stop()
+        if auth is not None:
+            with contextlib.suppress(OSError):
+                operator_path.unlink()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         say("stopped")

@@ -17,6 +17,7 @@ from typing import Any
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, Gauge
 
+from guestbus import permissions
 from guestbus.runtime.settings import ServiceSettings
 
 log = logging.getLogger("guestbus.runtime.nats")
@@ -76,12 +77,15 @@ async def connect(
     registry: CollectorRegistry | None = None,
     max_reconnect_attempts: int = -1,
     on_closed: Callable[[], None] | None = None,
+    inbox_prefix: str | None = None,
 ) -> Client:
     """Connect to ``settings.nats_url`` as connection ``name``.
 
     With the default ``max_reconnect_attempts=-1`` this retries forever, first connection
     included, so it returns only once connected (cancel it to give up). ``on_closed`` is
     called when the connection is closed for good (after a drain, or when nats-py gives up).
+    Replies come to ``settings.nats_inbox_prefix``, else ``inbox_prefix``, else
+    ``_INBOX.<name>``: the inbox the generated NATS permissions give the user of ``name``.
     """
     gauge = connected_gauge(registry) if registry is not None else None
     if gauge is not None:
@@ -135,6 +139,7 @@ async def connect(
         reconnected_cb=on_reconnected,
         error_cb=on_error,
         closed_cb=on_conn_closed,
+        inbox_prefix=settings.nats_inbox_prefix or inbox_prefix or permissions.inbox_prefix(name),
         **connect_options(settings),
     )
     if gauge is not None:

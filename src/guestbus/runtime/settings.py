@@ -59,6 +59,11 @@ class ServiceSettings(BaseSettings):
     nats_creds: Path | None = Field(
         default=None, description="NATS credentials file (JWT + nkey seed)."
     )
+    nats_inbox_prefix: str | None = Field(
+        default=None,
+        description="Prefix of this client's reply inboxes; default _INBOX.<service name>, "
+        "which is what the generated NATS permissions allow (guestbus.permissions).",
+    )
     nats_tls_ca: Path | None = Field(
         default=None, description="CA bundle to verify the NATS server's TLS certificate."
     )
