@@ -93,7 +93,7 @@ ISSUE_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1,
     0.15, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
-EXPIRING_WINDOWS = (("7d", 7 * 86400), ("30d", 30 * 86400))
+EXPIRING_WINDOWS = (("7d", 7 * 86400), ("21d", 21 * 86400), ("30d", 30 * 86400))
 
 
 def reply(model: BaseModel) -> bytes:
@@ -206,6 +206,7 @@ class CertAuthority(BusService):
                 return await handler(request)
             except (NatsError, asyncio.TimeoutError, Conflict) as exc:
                 self.log.warning("KV %s unavailable: %r", KV_CERTS, exc)
+                self.m_refused.labels(ERROR_CA_UNAVAILABLE).inc()
                 raise BusError(
                     ERROR_CA_UNAVAILABLE,
                     f"the CA's state (KV {KV_CERTS}) is unavailable right now "
@@ -237,7 +238,8 @@ class CertAuthority(BusService):
         )
         self.m_refused = Counter(
             "guestbus_certificate_requests_refused_total",
-            "Signing requests refused, by code (bad_csr, identity_mismatch, bad_request).",
+            "Requests refused, by code (bad_csr, identity_mismatch, bad_request; "
+            "ca_unavailable when the CA's state in JetStream is unreachable).",
             ["code"],
             registry=reg,
         )
@@ -882,6 +884,9 @@ class _ViewCollector(Collector):
         }
         soonest: float | None = None
         expiring = {label: 0 for label, _ in EXPIRING_WINDOWS}
+        # The newest valid certificate of each VM / server: a renewed certificate stays
+        # valid until it expires, so only the newest one says whether renewal happens.
+        newest: dict[tuple[str, str], datetime] = {}
         for rec in svc.records():
             state = rec.effective_state(now)
             counts[(state.value, rec.kind.value)] += 1
@@ -893,6 +898,15 @@ class _ViewCollector(Collector):
             for label, window in EXPIRING_WINDOWS:
                 if left <= window:
                     expiring[label] += 1
+            holder = (rec.kind.value, rec.vm or rec.name or rec.serial)
+            if holder not in newest or rec.not_after > newest[holder]:
+                newest[holder] = rec.not_after
+        unrenewed = {(label, k.value): 0 for label, _ in EXPIRING_WINDOWS for k in CertKind}
+        for (kind, _holder), not_after in newest.items():
+            left = (not_after - now).total_seconds()
+            for label, window in EXPIRING_WINDOWS:
+                if left <= window:
+                    unrenewed[(label, kind)] += 1
         by_state = GaugeMetricFamily(
             "guestbus_certificates",
             "Certificates by state (valid, revoked, expired) and kind, cluster-wide "
@@ -911,12 +925,22 @@ class _ViewCollector(Collector):
         yield soon
         exp = GaugeMetricFamily(
             "guestbus_certificates_expiring",
-            "Valid certificates expiring within 7 or 30 days.",
+            "Valid certificates expiring within 7, 21 or 30 days (renewed ones included: a "
+            "renewed certificate stays valid until it expires).",
             labels=["within"],
         )
         for label, n in expiring.items():
             exp.add_metric([label], n)
         yield exp
+        stale = GaugeMetricFamily(
+            "guestbus_certificates_expiring_unrenewed",
+            "VMs and servers whose newest valid certificate expires within 7, 21 or 30 days: "
+            "nothing newer was issued, so renewal is not happening.",
+            labels=["within", "kind"],
+        )
+        for (label, kind), n in unrenewed.items():
+            stale.add_metric([label, kind], n)
+        yield stale
         if hasattr(svc, "ca"):
             yield GaugeMetricFamily(
                 "guestbus_ca_not_after_timestamp_seconds",

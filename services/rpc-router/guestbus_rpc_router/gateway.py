@@ -108,6 +108,13 @@ class Gateway:
             ["state"],
             registry=ctx.registry,
         )
+        self._vm_series: set[str] = set()
+        self.vm_links = Gauge(
+            "guestbus_gateway_vm_link_up",
+            "1 for each VM whose IP (mTLS) link is up on this gateway.",
+            ["vm"],
+            registry=ctx.registry,
+        )
         self.server_not_after = Gauge(
             "guestbus_gateway_certificate_expiry_timestamp_seconds",
             "When the gateway's server certificate expires (unix time).",
@@ -238,6 +245,13 @@ class Gateway:
         self.links_up.labels("connected").set(
             sum(1 for t in self.terminators.values() if t.connected)
         )
+        up = {vm for vm, t in self.terminators.items() if t.up}
+        for vm in self._vm_series - up:
+            with contextlib.suppress(KeyError):
+                self.vm_links.remove(vm)
+        for vm in up:
+            self.vm_links.labels(vm).set(1)
+        self._vm_series = up
 
     async def _accept_forever(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()

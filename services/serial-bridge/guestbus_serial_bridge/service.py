@@ -200,3 +200,13 @@ class _LinkCollector(Collector):
         frames.add_metric(["in"], stats["frames_in"])
         frames.add_metric(["out"], stats["frames_out"])
         yield frames
+        per_vm = GaugeMetricFamily(
+            "guestbus_bridge_vm_link_up",
+            "1 while a running VM's serial link is up, 0 while its socket exists but no agent "
+            "answers (one series per VM with a serial socket on this host).",
+            labels=["vm", "name", "host"],
+        )
+        host = self.bridge.settings.bridge_host
+        for uuid, link in list(self.bridge.links.items()):
+            per_vm.add_metric([uuid, link.vm.name or "", host], 1 if link.up else 0)
+        yield per_vm

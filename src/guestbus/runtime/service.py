@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ClassVar, NoReturn, TypeVar, Union, cast
 
 import nats.micro
@@ -37,9 +37,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from guestbus.runtime.errors import INTERNAL, BusError
 from guestbus.runtime.http import ProbeServer
@@ -440,6 +443,30 @@ class BusService(abc.ABC):
             raise TypeError(f"{cls.__name__}.description must not be empty")
 
 
+class _ServiceStateCollector(Collector):
+    """``guestbus_service_info`` and ``guestbus_service_ready``, read at scrape time."""
+
+    def __init__(self, host: ServiceHost) -> None:
+        self.host = host
+
+    def collect(self) -> Iterator[Metric]:
+        svc = type(self.host.service)
+        info = GaugeMetricFamily(
+            "guestbus_service_info",
+            "Always 1: which guestbus service and version this process runs.",
+            labels=["service", "version"],
+        )
+        info.add_metric([svc.name, svc.version], 1)
+        yield info
+        ready = GaugeMetricFamily(
+            "guestbus_service_ready",
+            "1 while /readyz answers 200 (NATS connected, set up, not shutting down), else 0.",
+            labels=["service"],
+        )
+        ready.add_metric([svc.name], 1 if self.host.ready else 0)
+        yield ready
+
+
 class ServiceHost:
     """Runs one :class:`BusService` instance: probes, connection, micro registration,
     setup, and the ordered shutdown. Usable in-process (tests) as well as by
@@ -460,6 +487,7 @@ class ServiceHost:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
         self.registry = registry
+        registry.register(_ServiceStateCollector(self))
         self.log = logging.getLogger(f"guestbus.{service.name}")
         self.nc: Client | None = None
         self.ctx: ServiceContext | None = None
