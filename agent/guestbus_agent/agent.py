@@ -23,6 +23,7 @@ from guestbus.wire.aio import LinkClosed, RemoteError
 
 from .commands import Commands
 from .config import AgentConfig, write_state_config
+from .dr import DrAgent, DrOptions
 from .identity import Identity, IdentityError, renew_at, utcnow
 from .link import Backoff, Link, Opener
 from .tls import tls_opener
@@ -38,13 +39,23 @@ class Agent:
         ip_opener: Optional[Opener] = None,
         rng: Optional[random.Random] = None,
         certificates: bool = True,
+        dr: Optional[DrOptions] = None,
     ) -> None:
         self.config = config
         self.certificates = certificates
         self.rng = rng or random.Random()
         self.identity = Identity(Path(config.state_dir))
+        self.dr = DrAgent(config.vm_uuid, Path(config.state_dir), dr)
         self.commands = Commands(
-            config.vm_uuid, config.allowed_commands, extra={"renew": self._cmd_renew}
+            config.vm_uuid,
+            config.allowed_commands,
+            extra={
+                "renew": self._cmd_renew,
+                "dr_apply": self.dr.dr_apply,
+                "dr_script": self.dr.dr_script,
+            },
+            # a simulated network (lab agents) answers ``info`` with its own interfaces
+            interfaces_fn=self.dr.interfaces if dr is not None and dr.backend else None,
         )
         self.serial = Link(
             config,
@@ -95,6 +106,7 @@ class Agent:
     def _set_config(self, config: AgentConfig) -> None:
         self.config = config
         self.commands.vm = config.vm_uuid
+        self.dr.vm = config.vm_uuid
         self.serial.config = config
         if self.ip is not None:
             self.ip.config = config

@@ -83,7 +83,9 @@ def agent_usage() -> Dict[str, Any]:
     return usage
 
 
-def guest_info(vm: str) -> Dict[str, Any]:
+def guest_info(
+    vm: str, interfaces_fn: Optional[Callable[[], List[Dict[str, Any]]]] = None
+) -> Dict[str, Any]:
     return {
         "vm": vm,
         "hostname": socket.gethostname(),
@@ -93,7 +95,7 @@ def guest_info(vm: str) -> Dict[str, Any]:
         "agent_version": __version__,
         "python": platform.python_version(),
         "uptime": uptime_seconds(),
-        "interfaces": interfaces(),
+        "interfaces": (interfaces_fn or interfaces)(),
         **agent_usage(),
     }
 
@@ -102,10 +104,15 @@ class Commands:
     """The allow-listed command table of one agent."""
 
     def __init__(
-        self, vm: str, allowed: Tuple[str, ...], extra: Optional[Dict[str, Handler]] = None
+        self,
+        vm: str,
+        allowed: Tuple[str, ...],
+        extra: Optional[Dict[str, Handler]] = None,
+        interfaces_fn: Optional[Callable[[], List[Dict[str, Any]]]] = None,
     ) -> None:
         self.vm = vm
         self.allowed = tuple(allowed)
+        self.interfaces_fn = interfaces_fn
         self._table: Dict[str, Handler] = {
             "ping": self._ping,
             "info": self._info,
@@ -130,9 +137,12 @@ class Commands:
     async def _ping(self, params: Dict[str, Any]) -> Dict[str, Any]:
         return {"pong": True, "agent_time": time.time()}
 
+    def guest_info(self) -> Dict[str, Any]:
+        return guest_info(self.vm, self.interfaces_fn)
+
     async def _info(self, params: Dict[str, Any]) -> Dict[str, Any]:
         # ``ip`` and /proc reads block; keep the link loop responsive meanwhile.
-        return await asyncio.get_running_loop().run_in_executor(None, guest_info, self.vm)
+        return await asyncio.get_running_loop().run_in_executor(None, self.guest_info)
 
     async def _allowed(self, params: Dict[str, Any]) -> Dict[str, Any]:
         return {"commands": list(self.allowed)}

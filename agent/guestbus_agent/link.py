@@ -261,12 +261,8 @@ class Link:
             self._changed()
 
     async def _report(self, channel: Channel) -> None:
-        from .commands import guest_info
-
         try:
-            info = await asyncio.get_running_loop().run_in_executor(
-                None, guest_info, self.config.vm_uuid
-            )
+            info = await asyncio.get_running_loop().run_in_executor(None, self.commands.guest_info)
             await channel.request("report", info, self.config.request_timeout)
         except RemoteError as exc:
             log.warning("info report not accepted: %s", exc)

@@ -9,9 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from . import __version__, layout
 from .agent import Agent
 from .config import ISO_CONFIG_NAME, ISO_LABEL, AgentConfig, ConfigError, load
+from .dr import DrOptions
 from .identity import IdentityError
 from .link import serial_opener
 from .provisioning import IsoLocator, ProvisioningError, take_at_start, take_from
@@ -67,12 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --take-config-from: take it even if it is not newer or names another VM",
     )
+    p.add_argument(
+        "--dr-key",
+        type=Path,
+        metavar="FILE",
+        help="Ed25519 public key that verifies DR changes (default: dr-verify.pem beside "
+        f"--config, else {layout.DR_KEY_PATH})",
+    )
+    p.add_argument(
+        "--dr-root",
+        type=Path,
+        default=Path("/"),
+        metavar="DIR",
+        help="root under which DR changes write the network files and find the recovery "
+        "scripts (default /; another directory is for tests and inspection)",
+    )
     p.add_argument("--version", action="version", version="guestbus-agent " + __version__)
     return p
 
 
-async def run_agent(config: AgentConfig) -> int:
-    agent = Agent(config, serial_opener(config.serial_device))
+async def run_agent(config: AgentConfig, dr: Optional[DrOptions] = None) -> int:
+    agent = Agent(config, serial_opener(config.serial_device), dr=dr)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,7 +157,14 @@ def main(argv: Optional[List[str]] = None, locator: Optional[IsoLocator] = None)
         config.serial_device,
         config.source,
     )
-    return asyncio.run(run_agent(config))
+    if args.dr_key is not None:
+        dr_key = args.dr_key
+    elif args.config is not None:
+        dr_key = args.config.parent / layout.ISO_DR_KEY
+    else:
+        dr_key = Path(layout.DR_KEY_PATH)
+    dr = DrOptions(key_path=dr_key.absolute(), root=args.dr_root.absolute())
+    return asyncio.run(run_agent(config, dr))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ SERVICES: list[ServiceEntry] = [
         # the embedded cluster's TLS gateway listens on this host
         env={"GUESTBUS_ISO_GATEWAY_HOST": os.environ.get("GUESTBUS_ISO_GATEWAY_HOST", "127.0.0.1")},
     ),
-    # Added when it is built (its issue): dr-orchestrator 9104.
+    ServiceEntry("dr-orchestrator", "guestbus_dr_orchestrator.main", 9104),
 ]
 """Services started by ``guestbus up``, in order."""
 

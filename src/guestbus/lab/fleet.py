@@ -28,7 +28,9 @@ from typing import Literal
 from guestbus.lab.hypervisor import LabHypervisor, LabMode, LabVM
 from guestbus_agent.agent import Agent
 from guestbus_agent.config import AgentConfig
+from guestbus_agent.dr import DrOptions
 from guestbus_agent.link import Link, serial_opener
+from guestbus_agent.netconf import Simulated
 
 log = logging.getLogger("guestbus.lab.fleet")
 
@@ -69,6 +71,27 @@ class LabAgent:
     config_path: Path | None = None
     restarts: int = field(default=0)
 
+    @property
+    def network(self) -> Simulated | None:
+        """The simulated network of an in-process agent (DR dry run)."""
+        if self.agent is None or not isinstance(self.agent.dr.backend, Simulated):
+            return None
+        return self.agent.dr.backend
+
+
+def lab_mac(uuid: str) -> str:
+    """A stable, locally administered MAC for a lab VM."""
+    h = uuid.replace("-", "")
+    return "52:54:00:" + ":".join(h[i : i + 2] for i in (0, 2, 4))
+
+
+def lab_address(subnet: str, index: int) -> str:
+    """The ``index``-th lab VM's address in ``subnet`` (hosts from .10 on)."""
+    import ipaddress
+
+    net = ipaddress.ip_network(subnet)
+    return f"{net.network_address + 10 + index}/{net.prefixlen}"
+
 
 class LabFleet:
     """A lab hypervisor plus one agent per VM."""
@@ -85,8 +108,17 @@ class LabFleet:
         gateway: tuple[str, int] = ("127.0.0.1", 2074),
         state_root: Path | None = None,
         certificates: bool = True,
+        dr_key: Path | None = None,
+        dr_subnet: str | None = None,
+        agent_args: Sequence[str] = (),
     ) -> None:
         self.certificates = certificates
+        # DR: in-process agents get a simulated network (eth0 with one address in
+        # dr_subnet, nothing on the host changes); agent processes get agent_args.
+        self.dr_key = dr_key
+        self.dr_subnet = dr_subnet
+        self.agent_args = tuple(agent_args)
+        self._index = 0
         if agents == "processes" and mode != "pty":
             raise ValueError("separate agent processes need pty mode (they open a device)")
         self.hypervisor = LabHypervisor(socket_dir, mode=mode)
@@ -127,7 +159,23 @@ class LabFleet:
     async def add_vms(self, n: int) -> list[LabVM]:
         return [await self.add_vm() for _ in range(n)]
 
-    async def start_agent(self, vm: LabVM, config: AgentConfig | None = None) -> LabAgent:
+    def _simulated(self, vm: LabVM) -> Simulated:
+        addresses = []
+        if self.dr_subnet:
+            addresses.append(lab_address(self.dr_subnet, self._index))
+        self._index += 1
+        return Simulated([{"name": "eth0", "mac": lab_mac(vm.uuid), "addresses": addresses}])
+
+    async def start_agent(
+        self,
+        vm: LabVM,
+        config: AgentConfig | None = None,
+        *,
+        prefix: Sequence[str] = (),
+        args: Sequence[str] = (),
+    ) -> LabAgent:
+        """Start ``vm``'s agent; in process mode ``prefix`` goes before the command (e.g.
+        ``ip netns exec NS``) and ``args`` after the fleet's ``agent_args``."""
         cfg = config or self._config(vm)
         agent = LabAgent(vm=vm, config=cfg)
         self.agents[vm.uuid] = agent
@@ -136,7 +184,9 @@ class LabFleet:
             data = cfg.to_json()
             data.pop("serial_device")
             agent.config_path.write_text(json.dumps(data))
+            dr_args = ["--dr-key", str(self.dr_key)] if self.dr_key else []
             agent.process = await asyncio.create_subprocess_exec(
+                *prefix,
                 sys.executable,
                 "-m",
                 "guestbus_agent.main",
@@ -146,6 +196,10 @@ class LabFleet:
                 str(vm.device_path),
                 "--log-level",
                 "WARNING",
+                "--no-iso",
+                *dr_args,
+                *self.agent_args,
+                *args,
             )
             return agent
 
@@ -163,7 +217,12 @@ class LabFleet:
                     raise FileNotFoundError("VM stopped")
                 return await vm.open_guest()
 
-        agent.agent = Agent(cfg, opener, certificates=self.certificates)
+        dr = DrOptions(
+            key_path=self.dr_key or Path(cfg.state_dir) / "dr-verify.pem",
+            root=Path(cfg.state_dir) / "root",
+            backend=self._simulated(vm),
+        )
+        agent.agent = Agent(cfg, opener, certificates=self.certificates, dr=dr)
         agent.link = agent.agent.serial
         agent.task = asyncio.ensure_future(agent.agent.run())
         return agent
@@ -237,6 +296,8 @@ async def _serve(args: argparse.Namespace) -> int:
         agents=args.agents,
         heartbeat=args.heartbeat,
         certificates=not args.no_certificates,
+        dr_key=Path(args.dr_key) if args.dr_key else None,
+        dr_subnet=args.dr_subnet,
     ) as fleet:
         # Stable identities (uuid5 of the index): restarting the demo reuses its VMs.
         vms = []
@@ -270,6 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-certificates",
         action="store_true",
         help="agents do not enroll or renew certificates (no cert-authority: links only)",
+    )
+    p.add_argument(
+        "--dr-key",
+        help="the DR verify key (PEM) every agent uses (default: none, DR changes refused)",
+    )
+    p.add_argument(
+        "--dr-subnet",
+        help="give VM i the address .10+i of this subnet on a simulated eth0 (DR dry run)",
     )
     p.add_argument(
         "--xml-dir",
