@@ -7,7 +7,7 @@
   buckets are there instead of crash-looping.
 - ``guestbus permissions`` prints the NATS users and permissions (:mod:`guestbus.permissions`)
   as a nats-server configuration block, as the NATS chart's ``config.merge`` value, or as
-  JSON.
+  JSON; ``--format env`` makes a fresh password per role for compose's ``.env``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,11 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     perms.add_argument(
-        "--format", choices=["nats-conf", "helm", "json"], default="nats-conf", dest="fmt"
+        "--format",
+        choices=["nats-conf", "helm", "json", "env"],
+        default="nats-conf",
+        dest="fmt",
+        help="env: a fresh random password per role, as lines for compose's .env",
     )
     perms.add_argument(
         "--role", action="append", help="only this role (repeat for several); default: all"
@@ -79,6 +83,10 @@ def permissions_command(args: argparse.Namespace) -> int:
             sys.stdout.write(permissions.nats_conf(roles))
         elif args.fmt == "helm":
             print(json.dumps({"authorization": permissions.helm_authorization(roles)}, indent=2))
+        elif args.fmt == "env":
+            for name in roles or list(permissions.ROLES):
+                role = permissions.role(name)
+                print(f"{role.password_env}={permissions.generate_password()}")
         else:
             print(json.dumps(permissions.as_json(roles), indent=2))
     except KeyError as err:
