@@ -513,7 +513,7 @@ class RunDriver:
                 CMD_DR_APPLY,
                 signed.model_dump(exclude_none=True),
                 deadline,
-                f"dr:{self.run.id}:net:{attempt}",
+                f"dr:{self.run.id}:net:{self.svc.incarnation}:{attempt}",
             )
 
         raw = await self._retrying(vm, "network", self.timeouts.apply, call)
@@ -587,7 +587,7 @@ class RunDriver:
                 CMD_DR_SCRIPT,
                 signed.model_dump(exclude_none=True),
                 deadline,
-                f"dr:{self.run.id}:script:{attempt}",
+                f"dr:{self.run.id}:script:{self.svc.incarnation}:{attempt}",
             )
 
         raw = await self._retrying(vm, "script", self.timeouts.script + 30.0, call)
