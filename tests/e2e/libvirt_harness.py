@@ -5,6 +5,10 @@
         guest.serial_socket                            # the reference port 1, host side
         guest.live_xml_path                            # /run/libvirt/qemu/<name>.xml
 
+    with defined_guest(GuestSpec(cdrom=path)) as guest:  # defined only: start it later
+        ...                                            # (e.g. once its ISO is at `path`)
+        guest.start()
+
 A guest is the cached Debian image of ``e2e/guest-image`` (built on first use, a few
 minutes), booted directly from its kernel and initrd (no boot loader) under TCG (domain type
 ``qemu``), its root file system a qcow2 overlay of the pristine ``base.raw``, with
@@ -210,6 +214,12 @@ class GuestSpec:
     tb_cache_mib: int = 128
     vcpus: int = 1
     iso: Path | None = None
+    """An ISO copied into the guest's directory for its CD-ROM."""
+    cdrom: Path | None = None
+    """Or the CD-ROM's source as it is, not copied (e.g. where iso-builder writes the VM's
+    ISO); it need not exist before the domain starts."""
+    disk_from: Path | None = None
+    """A qcow2 to copy as the root disk (a clone's), instead of a new overlay of the base."""
     firstboot_wait: int = 60
     quiet: bool = False
     extra_cmdline: str = ""
@@ -301,9 +311,12 @@ class Guest:
         self.workdir = workdir
         self.disk = workdir / "root.qcow2"
         self.console_log = workdir / "console.log"
-        self.iso = workdir / "guestbus.iso" if spec.iso is not None else None
+        self.iso = workdir / "guestbus.iso" if spec.iso is not None else spec.cdrom
         self.dom: Any = None
         self.started_at: float | None = None
+        self.started_wall: float | None = None
+        """time.time() of the last start (to compare with bus events' timestamps)."""
+        self._snapshots = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -327,13 +340,20 @@ class Guest:
         return domain_xml(self.spec, self.image, self.disk, self.iso, self.console_log)
 
     def prepare(self) -> None:
-        """The overlay on the pristine base, and a private copy of the ISO."""
+        """The overlay on the pristine base (or a copy of ``disk_from``), and a private copy
+        of the ISO."""
         self.workdir.mkdir(parents=True, exist_ok=False)
         os.chmod(self.workdir, 0o755)
         base, disk = str(self.image.base), str(self.disk)
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, disk], check=True
-        )
+        if self.spec.disk_from is not None:
+            # A qcow2 overlay names its backing file (the staged base) by absolute path.
+            subprocess.run(["cp", "--sparse=always", str(self.spec.disk_from), disk], check=True)
+            os.chmod(disk, 0o644)
+        else:
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, disk],
+                check=True,
+            )
         if self.spec.iso is not None and self.iso is not None:
             shutil.copyfile(self.spec.iso, self.iso)
             os.chmod(self.iso, 0o644)
@@ -343,7 +363,41 @@ class Guest:
 
     def start(self) -> None:
         self.started_at = time.monotonic()
+        self.started_wall = time.time()
         self.dom.create()
+
+    def freeze_disk(self) -> Path:
+        """An external disk-only snapshot of the running guest's root disk: QEMU goes on
+        writing to a new overlay, and the file it wrote until now is returned, consistent
+        at the block level (like a power cut inside the guest: ext4's journal makes it
+        whole at the next boot), for a clone to copy. The guest keeps running."""
+        lv = _require_libvirt()
+        self._snapshots += 1
+        frozen = Path(self.dom_disk_source())
+        top = self.workdir / f"root-snap{self._snapshots}.qcow2"
+        snapshot = (
+            f"<domainsnapshot><name>gbe2e-snap{self._snapshots}</name><disks>"
+            f"<disk name='vda' snapshot='external'><source file='{top}'/></disk>"
+            "<disk name='hdc' snapshot='no'/></disks></domainsnapshot>"
+        )
+        flags = (
+            lv.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | lv.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | lv.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+        self.dom.snapshotCreateXML(snapshot, flags)
+        if self.dom_disk_source() != str(top):
+            raise HarnessError(f"{self.name}: the snapshot did not switch vda to {top}")
+        return frozen
+
+    def dom_disk_source(self) -> str:
+        """The file the domain's root disk (vda) is on now (the live definition)."""
+        root = ET.fromstring(self.dom.XMLDesc(0))
+        for disk in root.iterfind("./devices/disk"):
+            target, source = disk.find("target"), disk.find("source")
+            if target is not None and target.get("dev") == "vda" and source is not None:
+                return str(source.get("file"))
+        raise HarnessError(f"{self.name} has no vda disk")
 
     def is_active(self) -> bool:
         return bool(self.dom is not None and self.dom.isActive())
@@ -408,6 +462,13 @@ class Guest:
         """The RESULT= of the guest's firstboot unit (installed, present, no-media, ...)."""
         return self.wait_for_console(FIRSTBOOT_RESULT, timeout).group(1)
 
+    def console_tail(self, lines: int = 40) -> str:
+        """The end of the console log, indented, for failure messages."""
+        state = "running" if self.is_active() else "not running"
+        return f"console of {self.name} ({state}), last {lines} lines:\n" + _tail(
+            self.console_text(), lines
+        )
+
     # -- the reference serial port, host side -------------------------------------------------
 
     def wait_for_serial_socket(self, timeout: float = 30.0) -> str:
@@ -428,6 +489,27 @@ def _tail(text: str, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
+def defined_guest(
+    spec: GuestSpec, *, conn: Any = None, image: GuestImage | None = None
+) -> Iterator[Guest]:
+    """A guest defined (its persistent XML in /etc/libvirt/qemu) but not started; destroyed,
+    undefined and its files removed afterwards, whatever happened in between."""
+    image = image or staged_image(guest_image())
+    own_conn = conn is None
+    conn = conn or connect()
+    guest = Guest(conn, spec, image, vm_root() / spec.name)
+    try:
+        guest.prepare()
+        guest.define()
+        yield guest
+    finally:
+        guest.teardown()
+        if own_conn:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+@contextlib.contextmanager
 def boot_guest(
     spec: GuestSpec | None = None,
     *,
@@ -439,20 +521,9 @@ def boot_guest(
     spec = spec or GuestSpec(iso=iso)
     if iso is not None:
         spec.iso = iso
-    image = image or staged_image(guest_image())
-    own_conn = conn is None
-    conn = conn or connect()
-    guest = Guest(conn, spec, image, vm_root() / spec.name)
-    try:
-        guest.prepare()
-        guest.define()
+    with defined_guest(spec, conn=conn, image=image) as guest:
         guest.start()
         yield guest
-    finally:
-        guest.teardown()
-        if own_conn:
-            with contextlib.suppress(Exception):
-                conn.close()
 
 
 def cleanup_stale(conn: Any = None) -> list[str]:
@@ -473,6 +544,10 @@ def cleanup_stale(conn: Any = None) -> list[str]:
                 dom.undefine()
             shutil.rmtree(vm_root() / name, ignore_errors=True)
             removed.append(name)
+        # Directories of a run without a domain (e.g. the tier's ISO directory).
+        for leftover in vm_root().glob(NAME_PREFIX + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover.name)
     finally:
         if own_conn:
             conn.close()
