@@ -31,7 +31,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from guestbus.wire import errors
 from guestbus.wire.aio import RemoteError
@@ -302,7 +302,7 @@ class DrAgent:
         snapshots: List[Snapshot] = []
         versions: Dict[str, Set[int]] = {}
         resolv = self.options.root / "etc/resolv.conf"
-        old_resolv: Optional[str] = None
+        old_resolv: Optional[Tuple[Optional[str]]] = None  # (text or None if absent,)
         dns: List[str] = [str(d) for d in change.get("dns", [])]
         search: List[str] = [str(s) for s in change.get("search", [])]
         try:
@@ -403,8 +403,9 @@ class DrAgent:
         search: List[str],
         note: str,
         warnings: List[str],
-    ) -> Optional[str]:
-        """Point the resolver at the new servers; returns the old resolv.conf to roll back."""
+    ) -> Optional[Tuple[Optional[str]]]:
+        """Point the resolver at the new servers; returns what to roll back to: (the old
+        resolv.conf, or None when there was none,), or None when nothing was written."""
         if resolv.is_symlink() and "systemd/resolve" in str(resolv.resolve()):
             resolvectl = shutil.which("resolvectl")
             if resolvectl and self.options.root == Path("/"):
@@ -415,11 +416,11 @@ class DrAgent:
                 ):
                     subprocess.run(argv, capture_output=True, timeout=15, check=False)
                 return None
-        old = resolv.read_text(encoding="utf-8") if resolv.exists() else ""
+        old = resolv.read_text(encoding="utf-8") if resolv.exists() else None
         if len(dns) > 3:
             warnings.append("more than 3 DNS servers: the resolver uses the first 3")
-        write_resolv_conf(resolv, render_resolv_conf(old, dns, search, note))
-        return old
+        write_resolv_conf(resolv, render_resolv_conf(old or "", dns, search, note))
+        return (old,)
 
     def _rolled_back(
         self,
@@ -428,7 +429,7 @@ class DrAgent:
         snapshots: List[Snapshot],
         versions: Dict[str, Set[int]],
         resolv: Path,
-        old_resolv: Optional[str],
+        old_resolv: Optional[Tuple[Optional[str]]],
         started: float,
     ) -> Dict[str, Any]:
         problems = []
@@ -439,7 +440,10 @@ class DrAgent:
                 problems.append(str(exc))
         if old_resolv is not None:
             try:
-                write_resolv_conf(resolv, old_resolv)
+                if old_resolv[0] is None:
+                    resolv.unlink()
+                else:
+                    write_resolv_conf(resolv, old_resolv[0])
             except OSError as exc:
                 problems.append(f"resolv.conf: {exc}")
         if problems:

@@ -328,7 +328,7 @@ class _Nic:
     old: list[IfAddress]
     new: list[IfAddress] = field(default_factory=list)
     touched: set[int] = field(default_factory=set)  # families changed
-    rules: list[DrMapping] = field(default_factory=list)
+    rules: list[tuple[int, DrMapping]] = field(default_factory=list)  # (family, rule)
     gateway: dict[int, str] = field(default_factory=dict)
     unmatched: list[IfAddress] = field(default_factory=list)
     custom: set[int] = field(default_factory=set)  # families replaced by custom addresses
@@ -399,8 +399,8 @@ def target_for(
                 raise MappingError(f"{nic.label} {addr} would become {new_ip}, {reason}")
             nic.new.append(ipaddress.ip_interface(f"{new_ip}/{rule.target.prefixlen}"))
             nic.touched.add(addr.version)
-            if rule.mapping not in nic.rules:
-                nic.rules.append(rule.mapping)
+            if (addr.version, rule.mapping) not in nic.rules:
+                nic.rules.append((addr.version, rule.mapping))
             if rule.mapping.gateway and addr.version not in nic.gateway:
                 nic.gateway[addr.version] = rule.mapping.gateway
 
@@ -439,9 +439,12 @@ def target_for(
             _add_unique(dns, custom.dns)
         if custom.search is not None:
             _add_unique(search, custom.search)
+        # the rules the custom addresses replace no longer give this family anything
+        chosen.rules = [(v, m) for v, m in chosen.rules if v not in families]
         for m in covering:
-            if m not in chosen.rules:
-                chosen.rules.append(m)
+            version = ipaddress.ip_network(m.target).version
+            if (version, m) not in chosen.rules:
+                chosen.rules.append((version, m))
 
     changed = [n for n in nics if n.touched]
     if not changed:
@@ -475,7 +478,7 @@ def target_for(
             default_taken.add(fam)
             gateways.append(nic.gateway[fam])
         routes: list[DrRoute] = []
-        for m in nic.rules:
+        for _, m in nic.rules:
             if custom is None or custom.dns is None:
                 _add_unique(dns, m.dns)
             if custom is None or custom.search is None:
