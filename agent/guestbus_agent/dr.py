@@ -221,7 +221,7 @@ class DrAgent:
         self.memory = Memory(state_dir / MEMORY_FILE)
         self.stacks = Stacks(self.options.root)
         self._tasks: Dict[str, asyncio.Future[Dict[str, Any]]] = {}
-        self._net_lock = asyncio.Lock()
+        self._net_lock: Optional[asyncio.Lock] = None  # made in the loop (3.9 binds at creation)
         self.applied = 0  # network changes really applied by this process (not repeats)
         self.scripts_run = 0
 
@@ -272,6 +272,8 @@ class DrAgent:
     # --- network -------------------------------------------------------------------------
 
     async def _apply(self, payload: Dict[str, Any], interrupted: bool) -> Dict[str, Any]:
+        if self._net_lock is None:
+            self._net_lock = asyncio.Lock()
         async with self._net_lock:
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(None, self._apply_sync, payload)
