@@ -48,10 +48,15 @@ from guestbus.contract import (
     CA_PREFIX,
     CA_RENEW,
     CA_SERVER,
+    CMD_DR_APPLY,
+    CMD_DR_SCRIPT,
+    CMD_INFO,
     DR_KEY_PRIVATE,
     DR_KEY_PUBLIC,
+    DR_PREFIX,
     EVT_CERT,
     EVT_CRL,
+    EVT_DR,
     EVT_GUEST,
     EVT_ISO,
     EVT_LINK,
@@ -71,11 +76,6 @@ from guestbus.contract import (
     STREAM_EVENTS,
     ca_subject,
 )
-
-DR_PREFIX: Final = "gb.dr"
-"""Endpoints of dr-orchestrator (``gb.dr.<endpoint>``)."""
-EVT_DR: Final = "dr"
-"""DR progress events: ``gb.evt.dr.>``."""
 
 PASSWORD_ENV_PREFIX: Final = "GUESTBUS_NATS_PASSWORD_"
 INBOX_ROOT: Final = "_INBOX"
@@ -325,8 +325,10 @@ def default_roles() -> dict[str, Role]:
         Role(
             "dr-orchestrator",
             "DR plans and runs: signs network changes, drives agents, holds a KV lease",
-            sub(f"{DR_PREFIX}.*", f"{DR_PREFIX}.>", f"{EVT_PREFIX}.{EVT_LINK}.*")
-            + pub(f"{GUEST_PREFIX}.*.*", f"{EVT_PREFIX}.{EVT_DR}.>")
+            sub(f"{DR_PREFIX}.>", f"{EVT_PREFIX}.{EVT_LINK}.*")
+            # only the commands a DR run sends to agents
+            + pub(*(f"{GUEST_PREFIX}.*.{cmd}" for cmd in (CMD_DR_APPLY, CMD_DR_SCRIPT, CMD_INFO)))
+            + pub(f"{EVT_PREFIX}.{EVT_DR}.>")
             + stream_info(STREAM_EVENTS)
             + kv_read(KV_VMS, "*")
             + kv_watch(KV_VMS)
@@ -343,16 +345,12 @@ def default_roles() -> dict[str, Role]:
                 f"{GUEST_PREFIX}.*.*",
                 f"{CA_PREFIX}.*",
                 f"{ISO_PREFIX}.*",
-                f"{DR_PREFIX}.*",
                 f"{DR_PREFIX}.>",
                 "$SRV.>",
             )
             + kv_read(KV_VMS)
             + kv_watch(KV_VMS)
             + kv_read(KV_ISO_MANIFESTS)
-            + kv_read(KV_DR_PLANS)
-            + kv_read(KV_DR_RUNS)
-            + kv_watch(KV_DR_RUNS)
             + obj_read(OBJ_ISOS)
             + _provisioning(),
             service=False,
