@@ -94,8 +94,16 @@ def load_plan_file(path: str) -> dict[str, Any]:
     return data
 
 
+def _fail(exc: CliError) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return exc.status
+
+
 def run_plan_apply(args: argparse.Namespace) -> int:
-    plan = load_plan_file(args.file)
+    try:
+        plan = load_plan_file(args.file)
+    except CliError as exc:
+        return _fail(exc)
 
     async def work(nc: Client) -> int:
         request: dict[str, Any] = {"plan": plan, "validate_only": args.dry_run}
@@ -118,13 +126,14 @@ def run_plan_apply(args: argparse.Namespace) -> int:
 def run_plan_show(args: argparse.Namespace) -> int:
     async def work(nc: Client) -> int:
         record = await call(nc, "plan.get", {"name": args.plan}, DrPlanRecord)
-        data = record.plan.model_dump(mode="json", exclude_defaults=False)
+        data = record.plan.model_dump(mode="json", exclude_none=True)
+        data["vms"] = [{"vm": v["vm"], **v} for v in data.get("vms", [])]  # the VM first
         if args.json:
             print(json.dumps({**record.model_dump(mode="json")}, indent=2))
             return 0
         updated = _ts(record.updated_at)
         print(f"# plan {record.plan.name}, revision {record.revision}, updated {updated}")
-        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100), end="")
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100), end="")
         return 0
 
     return run_async(with_bus(args, work))
@@ -299,7 +308,10 @@ def confirm(args: argparse.Namespace) -> None:
 
 
 def run_failover(args: argparse.Namespace) -> int:
-    confirm(args)
+    try:
+        confirm(args)
+    except CliError as exc:
+        return _fail(exc)
 
     async def work(nc: Client) -> int:
         run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
