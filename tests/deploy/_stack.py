@@ -133,8 +133,12 @@ class SecureStack:
     def log(self) -> str:
         return self.broker.log_path.read_text(errors="replace")
 
-    def violations(self) -> list[str]:
-        return [line for line in self.log().splitlines() if VIOLATION in line]
+    def mark(self) -> int:
+        """A position in the server's log; ``violations(since=mark)`` reads past it."""
+        return len(self.log())
+
+    def violations(self, since: int = 0) -> list[str]:
+        return [line for line in self.log()[since:].splitlines() if VIOLATION in line]
 
     # --- lifecycle -------------------------------------------------------------------------
 

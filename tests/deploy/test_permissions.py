@@ -9,8 +9,12 @@ what it is allowed to do.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import nats
@@ -56,6 +60,7 @@ async def ping(stack: SecureStack, vm: str) -> dict[str, Any]:
 
 
 async def test_every_service_does_its_job_as_its_own_user(stack: SecureStack) -> None:
+    mark = stack.mark()
     vms = [vm.uuid for vm in await stack.lab.add_vms(2)]
     await stack.lab.wait_active(2, timeout=30)
 
@@ -121,13 +126,14 @@ async def test_every_service_does_its_job_as_its_own_user(stack: SecureStack) ->
     await stack.restart_bridge()
     await wait_until(all_serial, 30, "both VMs back on serial")
 
-    assert stack.violations() == [], "\n".join(stack.violations())
+    assert stack.violations(mark) == [], "\n".join(stack.violations(mark))
     assert [e for e in stack.client_errors if "permission" in e.lower()] == []
 
 
 async def test_a_dr_run_drives_agents_as_dr_orchestrator(stack: SecureStack) -> None:
     """dr-orchestrator signs with the private key only it may read, sends dr_apply through
     the link terminator and records per-VM status in KV, under its own user."""
+    mark = stack.mark()
     (vm,) = [v.uuid for v in await stack.lab.add_vms(1)]
     await stack.lab.wait_active(timeout=30)
     plan = {
@@ -151,7 +157,7 @@ async def test_a_dr_run_drives_agents_as_dr_orchestrator(stack: SecureStack) -> 
     await wait_until(finished, 30, "the DR run to finish")
     assert state["run"]["state"] == DrRunState.SUCCEEDED.value, state
     assert [v["state"] for v in state["vms"]] == [DrVmState.APPLIED.value]
-    assert stack.violations() == [], "\n".join(stack.violations())
+    assert stack.violations(mark) == [], "\n".join(stack.violations(mark))
 
 
 DENIED: list[tuple[str, str, str, str]] = [
@@ -274,3 +280,43 @@ def test_only_link_terminators_may_speak_for_guests() -> None:
         ca = [s for s in role.publish if "KV_gb_certs" in s and "DIRECT.GET" in s]
         if name != "cert-authority":
             assert all(s.endswith(".cert.*") for s in ca), name
+
+
+def guestbus_cli(stack: SecureStack, role: str, *args: str, **env: str) -> tuple[int, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GUESTBUS_")}
+    base.update(
+        GUESTBUS_NATS_URL=stack.broker.url,
+        GUESTBUS_NATS_USER=role,
+        GUESTBUS_NATS_PASSWORD=stack.passwords[role],
+        GUESTBUS_OPERATOR_FILE=os.devnull,
+        **env,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "guestbus.cli.main", *args],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+async def test_guestbus_provision_as_the_provisioner_honours_the_replica_setting(
+    stack: SecureStack,
+) -> None:
+    mark = stack.mark()
+    status, out = await asyncio.to_thread(guestbus_cli, stack, "provisioner", "provision")
+    assert status == 0, out
+    assert "replicas 1" in out and "kv gb_vms (unchanged)" in out
+    # GUESTBUS_JS_REPLICAS reaches JetStream: a single server refuses 3 replicas
+    status, out = await asyncio.to_thread(
+        guestbus_cli, stack, "provisioner", "provision", GUESTBUS_JS_REPLICAS="3"
+    )
+    assert status == 1 and "replicas" in out.lower(), out
+    # a service checks, with its own user, that what it needs exists (the chart's init step)
+    status, out = await asyncio.to_thread(
+        guestbus_cli, stack, "rpc-router", "provision", "--check", "rpc-router"
+    )
+    assert status == 0 and "streams of rpc-router exist" in out, out
+    assert stack.violations(mark) == [], "\n".join(stack.violations(mark))
