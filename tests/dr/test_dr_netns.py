@@ -132,7 +132,9 @@ async def netns_stack(
         for ns, root in zip(namespaces, roots, strict=True):
             vm = await dr.fleet.add_vm(agent=False)
             await dr.fleet.start_agent(
-                vm, prefix=["ip", "netns", "exec", ns], args=["--dr-root", str(root)]
+                vm,
+                prefix=["ip", "netns", "exec", ns],
+                args=["--dr-root", str(root), "--log-level", "ERROR"],
             )
             vms.append(vm.uuid)
         await dr.link.wait_registered(vms, timeout=30)
