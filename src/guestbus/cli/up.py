@@ -1,7 +1,10 @@
 """``guestbus up``: everything on one machine.
 
 1. If ``GUESTBUS_NATS_URL`` is unset, start the embedded NATS broker (JetStream state in
-   ``--state-dir``, default ``./.guestbus``); otherwise use that server.
+   ``--state-dir``, default ``./.guestbus``) with one NATS user per service and for the
+   operator, least-privilege permissions from :mod:`guestbus.permissions` and fresh
+   passwords (:mod:`guestbus.credentials`; ``--no-auth`` to run without); otherwise use that
+   server.
 2. Provision the JetStream streams and buckets (idempotent).
 3. Start every host service in :data:`SERVICES` as a child process (entries whose module
    is not installed are skipped with a warning), restart one that dies (with backoff),
