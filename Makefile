@@ -10,12 +10,13 @@ VENV := .venv
 VENV39 := .venv39
 DEMO_VMS ?= 5
 
-.PHONY: demo up test test-guest tools lint typecheck schemas bench clean help
+.PHONY: demo up test test-guest tools lint typecheck schemas bench clean help e2e e2e-deps
 
 help:
 	@echo "make demo       embedded NATS + all services + $(DEMO_VMS) lab VMs (Ctrl-C stops all)"
 	@echo "make test       the test suite (host services on 3.11+, guest code also on 3.9)"
 	@echo "make lint       ruff + mypy (as CI runs them)"
+	@echo "make e2e        the real-hypervisor tier: libvirt/QEMU guests (root; installs its apt packages)"
 	@echo "make schemas    regenerate schemas/*.json from the contract"
 
 $(VENV)/.installed: pyproject.toml
@@ -56,6 +57,41 @@ test: $(VENV)/.installed $(VENV39)/.installed tools
 		echo "== guest-side tests on $$($(VENV39)/bin/python --version)"; \
 		PYTHONPATH=src:agent $(VENV39)/bin/python -m pytest -q --noconftest -o addopts='-p no:cacheprovider' tests/wire tests/agent; \
 	fi
+
+# The real-hypervisor tier (e2e/README.md): Debian guests under libvirt/QEMU (TCG) with the
+# services, as root. Missing packages are installed with apt (as `tools` does); a machine that
+# cannot run the tier fails here with the reason, it is never skipped.
+E2E_APT := libvirt-daemon-system qemu-system-x86 qemu-utils libvirt-dev pkg-config debootstrap \
+	genisoimage e2fsprogs gcc python3-dev
+E2E_TOOLS := libvirtd virtlogd qemu-system-x86_64 qemu-img debootstrap genisoimage mke2fs pkg-config gcc
+# libvirtd, virtlogd and debootstrap live in sbin, which a non-login root shell may lack.
+e2e e2e-deps: export PATH := $(PATH):/usr/sbin:/sbin
+e2e-deps:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make e2e: the real-hypervisor tier needs root (libvirtd, QEMU's sockets, debootstrap): sudo make e2e"; \
+		exit 1; fi
+	@missing() { m=""; for t in $(E2E_TOOLS); do command -v $$t >/dev/null 2>&1 || m="$$m $$t"; done; \
+		pkg-config --exists libvirt 2>/dev/null || m="$$m libvirt.pc"; echo "$$m"; }; \
+	need=$$(missing); \
+	if [ -n "$$need" ]; then \
+		command -v apt-get >/dev/null 2>&1 || { echo "make e2e: missing$$need; install: $(E2E_APT)"; exit 1; }; \
+		echo "make e2e: installing $(E2E_APT) (for:$$need)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q $(E2E_APT) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q $(E2E_APT) >/dev/null; } || \
+		{ echo "make e2e: apt-get install $(E2E_APT) failed"; exit 1; }; \
+		need=$$(missing); \
+		if [ -n "$$need" ]; then echo "make e2e: still missing after apt-get:$$need"; exit 1; fi; \
+	fi
+
+e2e: $(VENV)/.installed e2e-deps
+	@$(VENV)/bin/python -c 'import libvirt' 2>/dev/null || { \
+		echo "make e2e: installing the e2e extra (libvirt-python, built against libvirt-dev)"; \
+		$(VENV)/bin/python -m pip install -q -e '.[dev,e2e]' || { \
+			echo "make e2e: building libvirt-python failed (it needs gcc, pkg-config, libvirt-dev and the headers of $$(readlink -f $(VENV)/bin/python))"; \
+			exit 1; }; }
+	e2e/guest-image >/dev/null
+	$(VENV)/bin/python -m pytest -m e2e tests/e2e -v
 
 lint typecheck: $(VENV)/.installed $(VENV39)/.installed
 	$(VENV)/bin/ruff check .
