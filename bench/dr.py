@@ -155,13 +155,14 @@ async def failover(
     name: str,
     vms: list[str],
     orchestrator_pid: int,
-    extra: dict[str, Any] | None = None,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    plan = {"name": name, "groups": [vms], **PLAN, **(extra or {})}
+    plan = {"name": name, "groups": [vms], **PLAN}
     await call(nc, "plan.put", {"plan": plan})
     runs = await nc.jetstream().key_value(KV_DR_RUNS)
     writes_before = (await runs.status()).stream_info.state.messages
-    cpu0 = cpu_snapshot({"orchestrator": orchestrator_pid})
+    pids = {"orchestrator": orchestrator_pid, **(others or {})}
+    cpu0 = cpu_snapshot(pids)
     t0 = time.monotonic()
     run = (await call(nc, "run.start", {"plan": name}))["id"]
     while True:
@@ -172,7 +173,7 @@ async def failover(
     wall = time.monotonic() - t0
     assert reply.run.finished_at is not None
     total = (reply.run.finished_at - reply.run.created_at).total_seconds()
-    cpu = cpu_percent(cpu0, cpu_snapshot({"orchestrator": orchestrator_pid}), wall)
+    cpu = cpu_percent(cpu0, cpu_snapshot(pids), wall)
     per_vm = sorted(
         (v.applied_at - v.started_at).total_seconds()
         for v in reply.vms
@@ -197,6 +198,7 @@ async def failover(
         "per_vm_p99_ms": round(percentile(per_vm, 99) * 1000, 1),
         "per_vm_max_ms": round(per_vm[-1] * 1000, 1) if per_vm else None,
         "orchestrator_cpu_pct": cpu.get("orchestrator"),
+        "cpu_pct": cpu,
         "others_cpu_pct": cpu.get("others"),
         "orchestrator_rss_mib": round(rss / 2**20, 1),
         "orchestrator_hwm_mib": round(hwm / 2**20, 1),
@@ -380,7 +382,13 @@ async def bench(
         step(f"peer: one ping to each of {len(vms)} VMs, {opts.concurrency} in flight")
         out["ping_floor"] = await ping_floor(nc, vms, opts.concurrency)
         step(f"scale: failover of {len(vms)} VMs, concurrency {opts.concurrency}")
-        out["scale"] = await failover(nc, "bench-scale", vms, procs["dr"].pid)
+        others = {
+            "fleet": fleet.pid,
+            "bridge": procs["bridge"].pid,
+            "router": procs["router"].pid,
+            "nats": broker.pid or 0,
+        }
+        out["scale"] = await failover(nc, "bench-scale", vms, procs["dr"].pid, others)
         step(f"scale: {out['scale']['applied']} applied in {out['scale']['until_all_applied_s']} s")
         await children.stop_async(fleet)
         if opts.netns:
