@@ -418,6 +418,14 @@ def rows_of(result: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
             n.get("orchestrator_cpu_pct"),
         ],
         [
+            "CPU fleet / bridge / router / nats / others (%)",
+            " / ".join(
+                str(s.get("cpu_pct", {}).get(k, "-"))
+                for k in ("fleet", "bridge", "router", "nats", "others")
+            ),
+            "-",
+        ],
+        [
             "orchestrator RSS / peak (MiB)",
             f"{s.get('orchestrator_rss_mib')} / {s.get('orchestrator_hwm_mib')}",
             f"{n.get('orchestrator_rss_mib')} / {n.get('orchestrator_hwm_mib')}"
