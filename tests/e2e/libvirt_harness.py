@@ -25,7 +25,7 @@ reach (the image cache in root's home is not): the image is linked (or copied on
 ``<vm dir>/image-<hash>/`` next to the per-VM directories. Everything a guest made is
 removed when its ``with`` block ends, errors included (``GUESTBUS_E2E_KEEP_CONSOLE=DIR``
 keeps a copy of each console log in DIR); ``cleanup_stale()`` removes what an interrupted run
-left (domains named ``gbe2e-*``).
+left (domains and directories named ``gbe2e-*``).
 
 Needs root, libvirt's daemons and QEMU (``apt-get install libvirt-daemon-system
 qemu-system-x86 qemu-utils``) and the binding (``pip install -e '.[e2e]'``); see e2e/README.md.
@@ -527,8 +527,9 @@ def boot_guest(
 
 
 def cleanup_stale(conn: Any = None) -> list[str]:
-    """Destroy and undefine every ``gbe2e-*`` domain and remove its files (an interrupted
-    run's leftovers). Returns their names."""
+    """Destroy and undefine every ``gbe2e-*`` domain and remove its files, and any other
+    ``gbe2e-*`` directory in the VM directory (an interrupted run's leftovers, e.g. its ISO
+    directory). Returns their names."""
     own_conn = conn is None
     conn = conn or connect()
     removed = []

@@ -1,4 +1,4 @@
-"""Phase 1 of the real hypervisor tier: a Debian guest under libvirt/QEMU (TCG) with the
+"""The real hypervisor tier below the services: a Debian guest under libvirt/QEMU (TCG) with the
 reference serial port, found by the serial-bridge's discovery from libvirt's own XML, bytes
 through ttyS1 both ways, and the agent installed from its ISO at first boot."""
 
