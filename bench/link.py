@@ -331,6 +331,51 @@ class EchoPeer:
                     await nc.close()
 
 
+REMOTE_ECHO = """
+import asyncio, sys
+import nats, uvloop
+
+async def main() -> None:
+    nc = await nats.connect(sys.argv[1], name="bench-remote-responder")
+
+    async def echo(msg):
+        await msg.respond(msg.data)
+
+    await nc.subscribe(sys.argv[2], cb=echo)
+    await nc.flush()
+    await asyncio.Event().wait()
+
+uvloop.run(main())
+"""
+"""A trivial responder in a process of its own (uvloop): where rpc-router stands."""
+
+
+class RemoteEchoPeer(EchoPeer):
+    """Bare nats-py request/reply with the responder in another process, as rpc-router is
+    to the serial-bridge: the same process hops as our path, none of our code."""
+
+    SUBJECT = "bench.echo.remote"
+
+    def __init__(self, url: str, children: Children) -> None:
+        super().__init__(url)
+        self.children = children
+
+    async def start(self) -> None:
+        self.children.start(
+            "echo-responder", [sys.executable, "-c", REMOTE_ECHO, self.url, self.SUBJECT]
+        )
+        self.client = await nats.connect(self.url, name="bench-requester-remote")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await self.client.request(self.SUBJECT, self.data, timeout=1)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the remote echo responder did not come up") from None
+                await asyncio.sleep(0.05)
+
+
 async def bare_nats(url: str, nats_pid: int, opts: Options) -> dict[str, Any]:
     """The nats-py peer on this event loop: one at a time, then ``inflight`` at once."""
     peer = EchoPeer(url)
@@ -655,12 +700,15 @@ async def link_bench(
 
         peer = EchoPeer(url)
         await peer.start()
+        remote = RemoteEchoPeer(url, children)
+        await remote.start()
         try:
-            # one at a time: the nats-py peer, guest RPC and host ping in alternating rounds
+            # one at a time: the nats-py peers, guest RPC and host ping in alternating rounds
             seq, seq_extra = await measured(
                 run_interleaved(
                     {
                         "nats": peer.call,
+                        "nats_remote": remote.call,
                         "guest_rpc": rpc_call(vms[0]),
                         "host_ping": ping_call(vms[0]),
                     },
@@ -674,6 +722,8 @@ async def link_bench(
             )
         finally:
             await peer.close()
+            await remote.close()
+        out["nats_uvloop_remote"] = {"sequential": seq["nats_remote"]}
         out["nats_uvloop"] = {
             "sequential": seq["nats"],
             "inflight": {**inflight, **inflight_extra},
@@ -988,6 +1038,9 @@ def compute_ratios(r: dict[str, Any]) -> dict[str, Any]:
         conc = g(r, ours, "concurrent")
         out[ours] = {
             "p50_vs_nats": ratio(g(seq, "p50_us"), g(nats_uv, "sequential", "p50_us")),
+            "p50_vs_nats_remote": ratio(
+                g(seq, "p50_us"), g(r, "peers", "nats", "uvloop_remote", "sequential", "p50_us")
+            ),
             "p99_vs_nats": ratio(g(seq, "p99_us"), g(nats_uv, "sequential", "p99_us")),
             "rate_vs_nats": ratio(g(seq, "rate"), g(nats_uv, "sequential", "rate")),
             "concurrent_rate_vs_nats_inflight": ratio(
@@ -1070,6 +1123,11 @@ def report_rows(r: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
     else:
         rows.append(perf_row("qemu-ga guest-ping, one at a time", qga.get("sequential")))
         rows.append(perf_row("qemu-ga guest-ping, pipelined", qga.get("pipelined")))
+    remote = g(r, "peers", "nats", "uvloop_remote", "sequential")
+    if remote is not None:
+        rows.append(
+            perf_row("nats-py request/reply, responder in another process (uvloop)", remote)
+        )
     for loop in ("uvloop", "asyncio"):
         peer = g(r, "peers", "nats", loop)
         if peer is None:
@@ -1128,6 +1186,14 @@ def ratio_rows(r: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
                 x(q.get("p50_vs_nats")),
                 t.get("target", ""),
                 verdict(t.get("pass")),
+            ]
+        )
+        rows.append(
+            [
+                f"{label} p50 / nats-py p50, responder in another process (uvloop)",
+                x(q.get("p50_vs_nats_remote")),
+                "",
+                "",
             ]
         )
         rows.append([f"{label} p99 / nats-py p99", x(q.get("p99_vs_nats")), "", ""])
@@ -1332,6 +1398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ours = run_loop(link_bench(children, url, broker.pid or 0, tmp, opts), "uvloop")
                 result["peers"]["kv_change"] = ours.pop("kv_change")
                 result["peers"]["nats"]["uvloop"] = ours.pop("nats_uvloop")
+                result["peers"]["nats"]["uvloop_remote"] = ours.pop("nats_uvloop_remote")
                 result.update(ours)
                 broker.stop_sync()
             if opts.soak:
