@@ -39,27 +39,27 @@ def uptime_seconds() -> float:
         return 0.0
 
 
+def interface_entry(link: Dict[str, Any]) -> Dict[str, Any]:
+    """One link of ``ip -j addr`` as ``info`` reports it (name, MAC, up, CIDR addresses)."""
+    return {
+        "name": link.get("ifname", "?"),
+        "mac": link.get("address"),
+        "up": "UP" in link.get("flags", []),
+        "addresses": [
+            "{}/{}".format(a["local"], a["prefixlen"])
+            for a in link.get("addr_info", [])
+            if "local" in a and "prefixlen" in a
+        ],
+    }
+
+
 def interfaces() -> List[Dict[str, Any]]:
     """Interfaces with their addresses, from ``ip -j addr`` (iproute2), else /sys names."""
     try:
         out = subprocess.run(
             ["ip", "-j", "addr", "show"], capture_output=True, timeout=3, check=True
         ).stdout
-        result = []
-        for link in json.loads(out.decode("utf-8", "replace")):
-            result.append(
-                {
-                    "name": link.get("ifname", "?"),
-                    "mac": link.get("address"),
-                    "up": "UP" in link.get("flags", []),
-                    "addresses": [
-                        "{}/{}".format(a["local"], a["prefixlen"])
-                        for a in link.get("addr_info", [])
-                        if "local" in a and "prefixlen" in a
-                    ],
-                }
-            )
-        return result
+        return [interface_entry(link) for link in json.loads(out.decode("utf-8", "replace"))]
     except (OSError, subprocess.SubprocessError, ValueError, TypeError, KeyError):
         pass
     try:

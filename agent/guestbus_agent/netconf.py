@@ -7,6 +7,7 @@ lab's dry run: thousands of agents in one process must not touch the host's netw
 file renderers are pure functions of text, so they are tested without a guest.
 """
 
+import abc
 import configparser
 import io
 import ipaddress
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from .commands import interface_entry
 from .files import atomic_write
 
 BACKUP_SUFFIX = ".guestbus-dr-bak"
@@ -61,26 +63,26 @@ class Snapshot:
 # --- backends ----------------------------------------------------------------------------
 
 
-class Backend:
-    """Live network state of the guest (abstract)."""
+class Backend(abc.ABC):
+    """Live network state of the guest: iproute2 in a guest, simulated in the lab."""
 
     kind = "abstract"
 
-    def interfaces(self) -> List[Dict[str, Any]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def interfaces(self) -> List[Dict[str, Any]]: ...
 
-    def snapshot(self, name: str) -> Snapshot:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def snapshot(self, name: str) -> Snapshot: ...
 
+    @abc.abstractmethod
     def set_addresses(self, name: str, version: int, addresses: Sequence[str]) -> None:
         """Make ``addresses`` the global addresses of one family on ``name``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def set_routes(
         self, name: str, version: int, gateway: Optional[str], routes: Sequence[Route]
     ) -> None:
         """Replace the default route (and add ``routes``) of one family through ``name``."""
-        raise NotImplementedError
 
     def restore(self, snap: Snapshot, versions: Set[int]) -> None:
         for version in sorted(versions):
@@ -91,8 +93,8 @@ class Backend:
             gateway = next((r.via for r in old if r.to == "default"), None)
             self.set_routes(snap.name, version, gateway, [r for r in old if r.to != "default"])
 
-    def gateway_reachable(self, name: str, gateway: str, timeout: float) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def gateway_reachable(self, name: str, gateway: str, timeout: float) -> bool: ...
 
 
 class IpRoute2(Backend):
@@ -122,21 +124,7 @@ class IpRoute2(Backend):
         return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
 
     def interfaces(self) -> List[Dict[str, Any]]:
-        result = []
-        for link in self._json("addr", "show"):
-            result.append(
-                {
-                    "name": link.get("ifname", "?"),
-                    "mac": link.get("address"),
-                    "up": "UP" in link.get("flags", []),
-                    "addresses": [
-                        "{}/{}".format(a["local"], a["prefixlen"])
-                        for a in link.get("addr_info", [])
-                        if "local" in a and "prefixlen" in a
-                    ],
-                }
-            )
-        return result
+        return [interface_entry(link) for link in self._json("addr", "show")]
 
     def _addresses(self, name: str, version: int) -> List[str]:
         out = []

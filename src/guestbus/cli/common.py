@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -156,15 +157,18 @@ async def vm_uuid(nc: Client, ref: str) -> str:
 async def service_call(
     nc: Client,
     subject: str,
-    request: BaseModel | None,
+    request: BaseModel | Mapping[str, Any] | None,
     model: type[M],
     *,
     service: str,
     timeout: float = 15.0,
 ) -> M:
     """One request to a service endpoint; its absence, silence and typed errors become a
-    one-line CliError."""
-    data = request.model_dump_json(exclude_none=True).encode() if request is not None else b"{}"
+    one-line CliError. An empty reply body reads as ``{}``."""
+    if isinstance(request, BaseModel):
+        data = request.model_dump_json(exclude_none=True).encode()
+    else:
+        data = json.dumps(dict(request or {})).encode()
     try:
         msg = await nc.request(subject, data, timeout=timeout)
     except NoRespondersError:
@@ -179,7 +183,7 @@ async def service_call(
     except BusError as err:
         raise CliError(f"{err.message} ({err.code})") from None
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body or b"{}")
     except ValidationError as exc:
         raise CliError(f"unexpected reply from {subject}: {exc.errors()[0]['msg']}") from None
 

@@ -17,11 +17,16 @@ from typing import Any, TextIO, TypeVar
 import yaml
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from guestbus.cli.common import CliError, add_nats_option, run_async, table, with_bus
+from guestbus.cli.common import (
+    CliError,
+    add_nats_option,
+    run_async,
+    service_call,
+    table,
+    with_bus,
+)
 from guestbus.contract import (
     DR_MAX_PAGE,
     EVT_DR,
@@ -38,7 +43,6 @@ from guestbus.contract import (
     DrVmStatus,
     dr_subject,
 )
-from guestbus.runtime import BusError, check_reply
 
 SERVICE = "dr-orchestrator"
 M = TypeVar("M", bound=BaseModel)
@@ -49,24 +53,9 @@ async def call(
     nc: Client, endpoint: str, payload: dict[str, Any], model: type[M], timeout: float = 30.0
 ) -> M:
     """One ``gb.dr.*`` request; absence, silence and typed errors become one-line CliErrors."""
-    subject = dr_subject(endpoint)
-    try:
-        msg = await nc.request(subject, json.dumps(payload).encode(), timeout=timeout)
-    except NoRespondersError:
-        raise CliError(
-            f"the {SERVICE} service is not running (no responder on {subject}); "
-            "`guestbus up` starts it"
-        ) from None
-    except (NatsTimeoutError, asyncio.TimeoutError):
-        raise CliError(f"the {SERVICE} did not answer on {subject} within {timeout:.0f}s") from None
-    try:
-        body = check_reply(msg.headers, msg.data)
-    except BusError as err:
-        raise CliError(f"{err.message} ({err.code})") from None
-    try:
-        return model.model_validate_json(body or b"{}")
-    except ValidationError as exc:
-        raise CliError(f"unexpected reply from {subject}: {exc.errors()[0]['msg']}") from None
+    return await service_call(
+        nc, dr_subject(endpoint), payload, model, service=SERVICE, timeout=timeout
+    )
 
 
 class _Empty(BaseModel):
