@@ -28,6 +28,8 @@ from guestbus_cert_authority.service import CertAuthority
 from guestbus_cert_authority.settings import CaSettings
 from guestbus_iso_builder.service import IsoBuilder
 from guestbus_iso_builder.settings import IsoSettings
+from guestbus_serial_bridge.service import SerialBridge
+from guestbus_serial_bridge.settings import BridgeSettings
 
 from .conftest import wheelhouse_cache_dir
 
@@ -148,6 +150,23 @@ class IsoEnv:
                 if loop.time() > end:
                     raise
                 await asyncio.sleep(0.02)
+
+    async def bridge(
+        self, host: str, *, pattern: str = "", xml_dirs: list[str] | None = None
+    ) -> None:
+        """A serial-bridge in-process: sockets by ``pattern`` and/or libvirt XML dirs."""
+        settings = BridgeSettings(
+            nats_url=self.url,
+            http_port=0,
+            socket_pattern=pattern,
+            libvirt_xml_dirs=xml_dirs or [],
+            bridge_host=host,
+            scan_interval=0.2,
+            shutdown_timeout=5,
+            event_loop="asyncio",
+            log_level="WARNING",
+        )
+        await self._host(SerialBridge(), settings, "$SRV.PING.serial-bridge")
 
     async def add_vms(self, count: int, name_prefix: str = "vm") -> list[str]:
         """VMs as a serial-bridge records them when it discovers their sockets."""

@@ -20,8 +20,6 @@ from guestbus.contract import LinkKind, VmRecord
 from guestbus.lab.hypervisor import LabHypervisor
 from guestbus_iso_builder.wheelhouse import Wheelhouse
 from guestbus_rpc_router.service import RouterSettings, RpcRouter
-from guestbus_serial_bridge.service import SerialBridge
-from guestbus_serial_bridge.settings import BridgeSettings
 
 from ._support import IsoEnv, xorriso_extract
 from .test_installer import ok, run_install
@@ -58,21 +56,7 @@ async def test_iso_to_installed_agent_on_the_serial_link(
             ),
             "gb.rpc.hello",
         )
-        await env.host(
-            SerialBridge(),
-            BridgeSettings(
-                nats_url=env.url,
-                http_port=0,
-                socket_pattern=str(sockets / "{uuid}.serial.1"),
-                libvirt_xml_dirs=[],
-                bridge_host=HOST,
-                scan_interval=0.2,
-                shutdown_timeout=5,
-                event_loop="asyncio",
-                log_level="WARNING",
-            ),
-            "$SRV.PING.serial-bridge",
-        )
+        await env.bridge(HOST, pattern=str(sockets / "{uuid}.serial.1"))
 
         # the bridge discovered the VM, so iso-builder knows it: build its full ISO
         async def discovered() -> bool:

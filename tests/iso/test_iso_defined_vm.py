@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from guestbus.contract import LinkKind
-from guestbus_serial_bridge.service import SerialBridge
-from guestbus_serial_bridge.settings import BridgeSettings
 
 from ._support import IsoEnv
 
@@ -53,21 +51,7 @@ async def test_a_defined_domain_is_recorded_and_gets_an_iso_before_it_starts(
     sockets = Path(tempfile.mkdtemp(prefix="gbdef-"))  # nothing listens here: never started
     vm, name = str(uuid.uuid4()), "defined-not-started"
     (xml_dir / f"{name}.xml").write_text(persistent_xml(vm, name, sockets / f"{vm}.serial.1"))
-    await env.host(
-        SerialBridge(),
-        BridgeSettings(
-            nats_url=env.url,
-            http_port=0,
-            socket_pattern="",
-            libvirt_xml_dirs=[str(xml_dir)],
-            bridge_host=HOST,
-            scan_interval=0.2,
-            shutdown_timeout=5,
-            event_loop="asyncio",
-            log_level="WARNING",
-        ),
-        "$SRV.PING.serial-bridge",
-    )
+    await env.bridge(HOST, xml_dirs=[str(xml_dir)])
     loop = asyncio.get_running_loop()
     end = loop.time() + 10
     while (record := (await env.registry.get(vm))[0]) is None:

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from nats.errors import Error as NatsError
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.object_store import ObjectStore
 from nats.micro.request import Request
 from prometheus_client import Counter, Histogram
@@ -274,7 +279,9 @@ class IsoBuilder(BusService):
     async def _build_vm(
         self, vm: str, kind: IsoKind, wheelhouse: Wheelhouse | None, store: bool
     ) -> IsoManifest:
-        record, _ = await self.registry.get(vm)
+        (record, _), (previous, revision) = await asyncio.gather(
+            self.registry.get(vm), self._manifest(vm)
+        )
         if record is None:
             raise BusError(
                 ERROR_UNKNOWN_VM,
@@ -282,7 +289,6 @@ class IsoBuilder(BusService):
                 "agent has said hello; check the uuid (guestbus vms) or start the VM's bridge",
                 404,
             )
-        previous, revision = await self._manifest(vm)
         serial = previous.config_serial + 1 if previous else 1
         key = pki.generate_key()
         csr = pki.make_csr(key, vm).decode()
@@ -382,9 +388,7 @@ class IsoBuilder(BusService):
         else:
             try:
                 vms = sorted(await self.manifests.keys())
-            except Exception as exc:  # nats-py raises NoKeysError (a NatsError) when empty
-                if type(exc).__name__ != "NoKeysError":
-                    raise
+            except NoKeysError:
                 vms = []
         found = await asyncio.gather(*(self._manifest(vm) for vm in vms))
         manifests = [m for m, _ in found if m is not None]
