@@ -2,7 +2,10 @@
 
 - statistics: :func:`percentile`, :func:`summarize` (latency samples → rate, p50, p99);
 - output: :func:`emit_json` (the one machine-readable line), :func:`render_table`;
-- machine: :func:`machine_info` (CPU model, cores, Python, event loop, versions);
+- machine: :func:`machine_info` (CPU model, cores, Python, event loop, versions),
+  :func:`wait_quiet` (wait for an idle machine, say how busy it was);
+- a benchmark's frame: :func:`result_header`, :func:`stepper`, :func:`workdir`,
+  :func:`interrupted` (what every ``main()`` shares);
 - processes: :class:`Children` (every child a benchmark starts, stopped at the end even on
   Ctrl-C, SIGTERM or an error), :func:`start_nats` (a throwaway ``nats-server`` with
   JetStream), :func:`service_env` (environment of a guestbus service child);
@@ -22,12 +25,16 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -315,6 +322,74 @@ class Children:
             with contextlib.suppress(Exception):
                 broker.stop_sync()
         self.brokers.clear()
+
+
+def machine_busy(seconds: float) -> float | None:
+    """Percent of one core the whole machine is busy over ``seconds``."""
+    before = cpu_snapshot({})
+    time.sleep(seconds)
+    return cpu_percent(before, cpu_snapshot({}), seconds).get("machine")
+
+
+def wait_quiet(seconds: float, what: str = "benchmark") -> float | None:
+    """Wait up to ``seconds`` for the machine to be idle (< 20 % of a core busy); return how
+    busy it was at the start (warn when it was busy)."""
+    busy = machine_busy(1.0)
+    quiet_by = time.monotonic() + seconds
+    while busy is not None and busy > 20 and time.monotonic() < quiet_by:
+        print(f"waiting for a quiet machine ({busy:.0f}% busy)", file=sys.stderr)
+        busy = machine_busy(2.0)
+    if busy is not None and busy > 25:
+        print(
+            f"warning: the machine was {busy:.0f}% busy (of one core) before the {what} "
+            "started: expect noisy figures",
+            file=sys.stderr,
+        )
+    return busy
+
+
+def result_header(bench: str, options: Any) -> dict[str, Any]:
+    """The start of every benchmark's JSON line: name, date, machine, options (a dataclass
+    or a mapping; paths as text)."""
+    raw = (
+        asdict(options)
+        if is_dataclass(options) and not isinstance(options, type)
+        else dict(options)
+    )
+    return {
+        "bench": bench,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": {**machine_info("uvloop"), "loadavg": os.getloadavg()},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in raw.items()},
+    }
+
+
+def stepper(started: float) -> Callable[[str], None]:
+    """Progress lines on stderr, stamped with the seconds since ``started``."""
+
+    def step(what: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+    return step
+
+
+@contextlib.contextmanager
+def workdir(bench: str, keep: bool) -> Iterator[Path]:
+    """A temporary directory for a run's state and logs, removed afterwards unless ``keep``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"guestbus-bench-{bench}-"))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def interrupted() -> int:
+    """Ctrl-C or SIGTERM: everything was stopped on the way out; exit status 130."""
+    print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
+    return 130
 
 
 def sigterm_as_interrupt() -> None:

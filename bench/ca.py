@@ -31,16 +31,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -61,16 +59,20 @@ from bench._common import (
     emit_json,
     free_port,
     histogram_quantile,
-    machine_info,
+    interrupted,
     markdown_table,
     metric,
     ratio,
     render_table,
+    result_header,
     scrape,
     service_env,
     sigterm_as_interrupt,
+    stepper,
     summarize,
+    wait_quiet,
     wait_ready,
+    workdir,
 )
 from guestbus import pki
 from guestbus.contract import CertReply, ca_subject
@@ -519,66 +521,41 @@ def rows_of(r: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     sigterm_as_interrupt()
-    tmp = Path(tempfile.mkdtemp(prefix="guestbus-bench-ca-"))
     started = time.monotonic()
-
-    def step(what: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {what}", file=sys.stderr, flush=True)
-
-    result: dict[str, Any] = {
-        "bench": "ca",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": machine_info("uvloop"),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        "peers": {},
-    }
-    result["machine"]["loadavg"] = os.getloadavg()
-    before = cpu_snapshot({})
-    time.sleep(1.0)
-    busy = cpu_percent(before, cpu_snapshot({}), 1.0).get("machine")
-    result["machine"]["busy_before_pct"] = busy
-    if busy is not None and busy > 25:
-        print(
-            f"warning: the machine was {busy:.0f}% busy (of one core) before the benchmark "
-            "started: expect noisy figures",
-            file=sys.stderr,
-        )
-    try:
-        with Children(tmp / "logs") as children:
-            bus = run_loop(bus_bench(children, tmp, opts, step), "uvloop")
-            result["bus"] = bus
-            step(f"peer: cryptography in-process, {opts.inprocess} certificates")
-            result["peers"]["cryptography"] = cryptography_peer(opts.inprocess)
-            step(f"peer: openssl x509 -req, {opts.openssl} processes")
-            result["peers"]["openssl"] = openssl_peer(tmp, opts.openssl)
-            step("done")
-        result["elapsed_s"] = round(time.monotonic() - started, 1)
-        result["ratios"] = compute_ratios(result)
-        emit_json(result)
-        headers, rows = rows_of(result)
-        m = result["machine"]
-        print(
-            f"\ncert-authority benchmark {result['date']} — {m['cpu']}, {m['cores']} cores, "
-            f"Python {m['python']}, {m['nats_server']}; machine busy before start: "
-            f"{m['busy_before_pct']}% of a core\n"
-        )
-        print(render_table(headers, rows, right=(1,)))
-        print(
-            "\nStorm model: a fleet enrolled at once renews at 2/3 of a 90-day lifetime with "
-            "±5% jitter, i.e. within a 9-day window; that window is compressed into "
-            f"{opts.window:g} s here, each renewal sent at its scheduled moment (open loop)."
-        )
-        if opts.markdown is not None:
-            opts.markdown.write_text(markdown_table(headers, rows) + "\n", encoding="utf-8")
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
-        return 130
-    finally:
-        if opts.keep:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    step = stepper(started)
+    result: dict[str, Any] = {**result_header("ca", opts), "peers": {}}
+    result["machine"]["busy_before_pct"] = wait_quiet(0, "benchmark")
+    with workdir("ca", opts.keep) as tmp:
+        try:
+            with Children(tmp / "logs") as children:
+                bus = run_loop(bus_bench(children, tmp, opts, step), "uvloop")
+                result["bus"] = bus
+                step(f"peer: cryptography in-process, {opts.inprocess} certificates")
+                result["peers"]["cryptography"] = cryptography_peer(opts.inprocess)
+                step(f"peer: openssl x509 -req, {opts.openssl} processes")
+                result["peers"]["openssl"] = openssl_peer(tmp, opts.openssl)
+                step("done")
+        except KeyboardInterrupt:
+            return interrupted()
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    result["ratios"] = compute_ratios(result)
+    emit_json(result)
+    headers, rows = rows_of(result)
+    m = result["machine"]
+    print(
+        f"\ncert-authority benchmark {result['date']} — {m['cpu']}, {m['cores']} cores, "
+        f"Python {m['python']}, {m['nats_server']}; machine busy before start: "
+        f"{m['busy_before_pct']}% of a core\n"
+    )
+    print(render_table(headers, rows, right=(1,)))
+    print(
+        "\nStorm model: a fleet enrolled at once renews at 2/3 of a 90-day lifetime with "
+        "±5% jitter, i.e. within a 9-day window; that window is compressed into "
+        f"{opts.window:g} s here, each renewal sent at its scheduled moment (open loop)."
+    )
+    if opts.markdown is not None:
+        opts.markdown.write_text(markdown_table(headers, rows) + "\n", encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,18 @@ from bench._common import (
     cpu_snapshot,
     emit_json,
     free_port,
-    machine_info,
+    interrupted,
     percentile,
     ratio,
     render_table,
+    result_header,
     rss_bytes,
     service_env,
     sigterm_as_interrupt,
+    stepper,
     summarize,
     wait_ready,
+    workdir,
 )
 from guestbus.contract import KV_DR_KEYS, KV_DR_RUNS, KV_VMS, DrRunGetReply, DrRunState, dr_subject
 from guestbus.drkeys import ensure_public_key
@@ -447,46 +449,32 @@ def rows_of(result: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     sigterm_as_interrupt()
-    tmp = Path(tempfile.mkdtemp(prefix="guestbus-bench-dr-"))
     started = time.monotonic()
-
-    def step(what: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {what}", file=sys.stderr, flush=True)
-
-    result: dict[str, Any] = {
-        "bench": "dr",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": machine_info("uvloop"),
-        "options": {"vms": opts.vms, "netns": opts.netns, "concurrency": opts.concurrency},
-    }
-    result["machine"]["loadavg"] = os.getloadavg()
-    try:
-        with Children(tmp / "logs") as children:
-            result.update(run_loop(bench(children, tmp, opts, step), "uvloop"))
-            step("done")
-        result["elapsed_s"] = round(time.monotonic() - started, 1)
-        result["ratios"] = {
-            "floor_over_dr": ratio(
-                result.get("ping_floor", {}).get("rate"), result.get("scale", {}).get("vms_per_s")
-            )
-        }
-        emit_json(result)
-        headers, rows = rows_of(result)
-        m = result["machine"]
-        print(
-            f"\nDR failover benchmark {result['date']} — {m['cpu']}, {m['cores']} cores, "
-            f"Python {m['python']}, {m['nats_server']}\n"
+    step = stepper(started)
+    options = {"vms": opts.vms, "netns": opts.netns, "concurrency": opts.concurrency}
+    result: dict[str, Any] = result_header("dr", options)
+    with workdir("dr", opts.keep) as tmp:
+        try:
+            with Children(tmp / "logs") as children:
+                result.update(run_loop(bench(children, tmp, opts, step), "uvloop"))
+                step("done")
+        except KeyboardInterrupt:
+            return interrupted()
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    result["ratios"] = {
+        "floor_over_dr": ratio(
+            result.get("ping_floor", {}).get("rate"), result.get("scale", {}).get("vms_per_s")
         )
-        print(render_table(headers, rows, right=(1, 2)))
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
-        return 130
-    finally:
-        if opts.keep:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    }
+    emit_json(result)
+    headers, rows = rows_of(result)
+    m = result["machine"]
+    print(
+        f"\nDR failover benchmark {result['date']} — {m['cpu']}, {m['cores']} cores, "
+        f"Python {m['python']}, {m['nats_server']}\n"
+    )
+    print(render_table(headers, rows, right=(1, 2)))
+    return 0
 
 
 if __name__ == "__main__":

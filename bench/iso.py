@@ -45,8 +45,8 @@ import sys
 import tempfile
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -71,17 +71,21 @@ from bench._common import (
     emit_json,
     free_port,
     histogram_quantile,
-    machine_info,
+    interrupted,
     markdown_table,
     metric,
     ratio,
     render_table,
+    result_header,
     rss_bytes,
     scrape,
     service_env,
     sigterm_as_interrupt,
+    stepper,
     verdict,
+    wait_quiet,
     wait_ready,
+    workdir,
 )
 from guestbus import pki
 from guestbus.contract import (
@@ -949,87 +953,56 @@ def mastering_cpu(before: tuple[dict[str, float], float, float]) -> dict[str, fl
     }
 
 
-def machine_busy(seconds: float) -> float | None:
-    """Percent of one core the whole machine is busy over ``seconds``."""
-    before = cpu_snapshot({})
-    time.sleep(seconds)
-    return cpu_percent(before, cpu_snapshot({}), seconds).get("machine")
-
-
-def wait_quiet(seconds: float, what: str) -> float | None:
-    """Wait up to ``seconds`` for the machine to be idle (< 20 % of a core busy); return how
-    busy it was at the start (warn when it was busy)."""
-    busy = machine_busy(1.0)
-    quiet_by = time.monotonic() + seconds
-    while busy is not None and busy > 20 and time.monotonic() < quiet_by:
-        print(f"waiting for a quiet machine ({busy:.0f}% busy)", file=sys.stderr)
-        busy = machine_busy(2.0)
-    if busy is not None and busy > 25:
-        print(
-            f"warning: the machine was {busy:.0f}% busy (of one core) before the {what} "
-            "started: expect noisy figures",
-            file=sys.stderr,
-        )
-    return busy
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     sigterm_as_interrupt()
-    tmp = Path(tempfile.mkdtemp(prefix="guestbus-bench-iso-"))
-    shm = Path("/dev/shm")
-    out_dir = (
-        Path(tempfile.mkdtemp(prefix="guestbus-bench-iso-", dir=shm))
-        if shm.is_dir() and os.access(shm, os.W_OK)
-        else tmp
-    )
-    result: dict[str, Any] = {
-        "bench": "iso",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": machine_info("uvloop"),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-    }
+    result: dict[str, Any] = result_header("iso", opts)
     if opts.wheel_cache == default_wheel_cache():
         result["options"]["wheel_cache"] = "(the test suite's cache)"
     started = time.monotonic()
+    step = stepper(started)
+    with workdir("iso", opts.keep) as tmp, peer_output_dir(tmp) as out_dir:
+        try:
+            result["machine"]["busy_before_pct"] = wait_quiet(opts.wait_quiet, "benchmark")
+            result["machine"]["loadavg"] = os.getloadavg()
+            with Children(tmp / "logs") as children:
+                if opts.mastering:
+                    before = (cpu_snapshot({}), own_cpu_seconds(), time.monotonic())
+                    result["mastering"] = mastering(tmp, out_dir, opts, step)
+                    result["mastering"]["cpu_pct"] = mastering_cpu(before)
+                if opts.service:
+                    busy = wait_quiet(opts.wait_quiet, "bus test") if opts.mastering else None
+                    step("bus: nats-server, cert-authority, iso-builder")
+                    result["bus"] = run_loop(bus_bench(children, tmp, opts, step), "uvloop")
+                    result["bus"]["busy_before_pct"] = (
+                        result["machine"]["busy_before_pct"] if busy is None else busy
+                    )
+                step("done")
+        except KeyboardInterrupt:
+            return interrupted()
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    result["ratios"] = compute_ratios(result)
+    result["targets"] = compute_targets(result)
+    emit_json(result)
+    print_report(result)
+    if opts.markdown is not None:
+        opts.markdown.write_text(markdown(result) + "\n", encoding="utf-8")
+    return 0
 
-    def step(what: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {what}", file=sys.stderr, flush=True)
 
+@contextlib.contextmanager
+def peer_output_dir(tmp: Path) -> Iterator[Path]:
+    """Where the peers write their images: tmpfs when there is one (no disk cost for them;
+    ours stays in memory), else ``tmp``."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp
+        return
+    out_dir = Path(tempfile.mkdtemp(prefix="guestbus-bench-iso-", dir=shm))
     try:
-        result["machine"]["busy_before_pct"] = wait_quiet(opts.wait_quiet, "benchmark")
-        result["machine"]["loadavg"] = os.getloadavg()
-        with Children(tmp / "logs") as children:
-            if opts.mastering:
-                before = (cpu_snapshot({}), own_cpu_seconds(), time.monotonic())
-                result["mastering"] = mastering(tmp, out_dir, opts, step)
-                result["mastering"]["cpu_pct"] = mastering_cpu(before)
-            if opts.service:
-                busy = wait_quiet(opts.wait_quiet, "bus test") if opts.mastering else None
-                step("bus: nats-server, cert-authority, iso-builder")
-                result["bus"] = run_loop(bus_bench(children, tmp, opts, step), "uvloop")
-                result["bus"]["busy_before_pct"] = (
-                    result["machine"]["busy_before_pct"] if busy is None else busy
-                )
-            step("done")
-        result["elapsed_s"] = round(time.monotonic() - started, 1)
-        result["ratios"] = compute_ratios(result)
-        result["targets"] = compute_targets(result)
-        emit_json(result)
-        print_report(result)
-        if opts.markdown is not None:
-            opts.markdown.write_text(markdown(result) + "\n", encoding="utf-8")
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
-        return 130
+        yield out_dir
     finally:
-        if out_dir != tmp:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        if opts.keep:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,19 +59,23 @@ from bench._common import (
     emit_json,
     free_port,
     histogram_quantile,
-    machine_info,
+    interrupted,
     markdown_table,
     metric,
     percentile,
     ratio,
     render_table,
+    result_header,
     rss_bytes,
     scrape,
     service_env,
     sigterm_as_interrupt,
+    stepper,
     summarize,
     verdict,
+    wait_quiet,
     wait_ready,
+    workdir,
 )
 from guestbus.contract import KV_VMS, VmRecord, guest_subject
 from guestbus.lab.fleet import LabFleet
@@ -1341,92 +1344,59 @@ def markdown(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def machine_busy(seconds: float) -> float | None:
-    """Percent of one core the whole machine is busy over ``seconds``."""
-    before = cpu_snapshot({})
-    time.sleep(seconds)
-    return cpu_percent(before, cpu_snapshot({}), seconds).get("machine")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     # the lab agents log every link they lose when the fleet closes: errors only
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     sigterm_as_interrupt()
-    tmp = Path(tempfile.mkdtemp(prefix="guestbus-bench-link-"))
-    result: dict[str, Any] = {
-        "bench": "link",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": machine_info("uvloop"),
-        "options": asdict(opts),
-        "peers": {"nats": {}},
-    }
+    result: dict[str, Any] = {**result_header("link", opts), "peers": {"nats": {}}}
     started = time.monotonic()
-    try:
-        idle_check = machine_busy(1.0)
-        quiet_by = time.monotonic() + opts.wait_quiet
-        while idle_check is not None and idle_check > 20 and time.monotonic() < quiet_by:
-            print(f"waiting for a quiet machine ({idle_check:.0f}% busy)", file=sys.stderr)
-            idle_check = machine_busy(2.0)
-        result["machine"]["busy_before_pct"] = idle_check
-        result["machine"]["loadavg"] = os.getloadavg()
-        if idle_check is not None and idle_check > 25:
-            print(
-                f"warning: the machine was {idle_check:.0f}% busy (of one core) before the "
-                "benchmark started: expect noisy figures",
-                file=sys.stderr,
-            )
-        with Children(tmp / "logs") as children:
-
-            def step(what: str) -> None:
-                print(f"[{time.monotonic() - started:6.1f}s] {what}", file=sys.stderr, flush=True)
-
-            if opts.link:
-                broker = children.start_nats(tmp / "nats")
-                url = broker.url
-                if opts.asyncio_peer:  # the uvloop peer is measured with ours, interleaved
-                    step("peer: nats-py request/reply (asyncio)")
-                    result["peers"]["nats"]["asyncio"] = run_loop(
-                        bare_nats(url, broker.pid or 0, opts), "asyncio"
+    step = stepper(started)
+    with workdir("link", opts.keep) as tmp:
+        try:
+            result["machine"]["busy_before_pct"] = wait_quiet(opts.wait_quiet, "benchmark")
+            result["machine"]["loadavg"] = os.getloadavg()
+            with Children(tmp / "logs") as children:
+                if opts.link:
+                    broker = children.start_nats(tmp / "nats")
+                    url = broker.url
+                    if opts.asyncio_peer:  # the uvloop peer is measured with ours, interleaved
+                        step("peer: nats-py request/reply (asyncio)")
+                        result["peers"]["nats"]["asyncio"] = run_loop(
+                            bare_nats(url, broker.pid or 0, opts), "asyncio"
+                        )
+                    step("peer: qemu-ga guest-ping")
+                    result["peers"]["qemu_ga"] = run_loop(qemu_ga(children, tmp, opts), "uvloop")
+                    step(
+                        f"guestbus: guest RPC and host ping ({opts.vms} VMs), interleaved with "
+                        "the nats-py peers (uvloop)"
                     )
-                step("peer: qemu-ga guest-ping")
-                result["peers"]["qemu_ga"] = run_loop(qemu_ga(children, tmp, opts), "uvloop")
-                step(
-                    f"guestbus: guest RPC and host ping ({opts.vms} VMs), interleaved with the "
-                    "nats-py peer (uvloop)"
-                )
-                ours = run_loop(link_bench(children, url, broker.pid or 0, tmp, opts), "uvloop")
-                result["peers"]["kv_change"] = ours.pop("kv_change")
-                result["peers"]["nats"]["uvloop"] = ours.pop("nats_uvloop")
-                result["peers"]["nats"]["uvloop_remote"] = ours.pop("nats_uvloop_remote")
-                result.update(ours)
-                broker.stop_sync()
-            if opts.soak:
-                step(
-                    f"soak: {opts.soak_vms} VMs, heartbeat {opts.soak_heartbeat:g}s, "
-                    f"{opts.soak_seconds:g}s"
-                )
-                try:
-                    result["soak"] = run_loop(soak(children, tmp, opts), "uvloop")
-                except (RuntimeError, TimeoutError) as exc:
-                    result["soak"] = {"error": str(exc)}
-            step("done")
-        result["elapsed_s"] = round(time.monotonic() - started, 1)
-        result["ratios"] = compute_ratios(result)
-        result["targets"] = compute_targets(result)
-        emit_json(result)
-        print_report(result)
-        if opts.markdown is not None:
-            opts.markdown.write_text(markdown(result) + "\n", encoding="utf-8")
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
-        return 130
-    finally:
-        if opts.keep:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+                    ours = run_loop(link_bench(children, url, broker.pid or 0, tmp, opts), "uvloop")
+                    result["peers"]["kv_change"] = ours.pop("kv_change")
+                    result["peers"]["nats"]["uvloop"] = ours.pop("nats_uvloop")
+                    result["peers"]["nats"]["uvloop_remote"] = ours.pop("nats_uvloop_remote")
+                    result.update(ours)
+                    broker.stop_sync()
+                if opts.soak:
+                    step(
+                        f"soak: {opts.soak_vms} VMs, heartbeat {opts.soak_heartbeat:g}s, "
+                        f"{opts.soak_seconds:g}s"
+                    )
+                    try:
+                        result["soak"] = run_loop(soak(children, tmp, opts), "uvloop")
+                    except (RuntimeError, TimeoutError) as exc:
+                        result["soak"] = {"error": str(exc)}
+                step("done")
+        except KeyboardInterrupt:
+            return interrupted()
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    result["ratios"] = compute_ratios(result)
+    result["targets"] = compute_targets(result)
+    emit_json(result)
+    print_report(result)
+    if opts.markdown is not None:
+        opts.markdown.write_text(markdown(result) + "\n", encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":
