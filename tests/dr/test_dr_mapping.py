@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from guestbus.contract import DrPlan, DrRunKind, Interface
-from guestbus.dr.plan import MappingError, check_plan, target_for
+from guestbus.dr.plan import MappingError, check_plan, orphan_overrides, target_for
 
 VM = "5b0c1e2a-1111-4222-8333-944455556666"
 
@@ -194,3 +194,47 @@ def test_overrides_and_groups_are_checked() -> None:
     warnings = check_plan(make(vms=[{"vm": VM, "addresses": ["10.9.0.5/16"]}])).warnings
     assert any("gets no default route" in w for w in warnings)
     assert any("no test_mappings" in w for w in warnings)
+
+
+ISSUE_EXAMPLE = """
+name: site-b
+mappings:                      # ordered; first match wins; offset mapping keeps the host part
+  - {source: 10.0.0.0/24, target: 10.9.0.0/24, gateway: 10.9.0.1, dns: [10.9.0.53]}
+test_mappings:
+  - {source: 10.0.0.0/24, target: 192.168.77.0/24, gateway: 192.168.77.1}
+vms:                           # per-VM overrides
+  - {vm: %s, addresses: [10.9.0.200/24]}
+groups: [[vm-a, vm-b], [vm-c]] # start order
+script: true
+timeouts: {link: 300, apply: 60, script: 300}
+"""
+
+
+def test_the_plan_example_of_the_design_still_validates_and_maps() -> None:
+    """The example plan operators were promised keeps working (the elided uuid filled in)."""
+    plan = DrPlan.model_validate(yaml_plan(ISSUE_EXAMPLE % VM))
+    assert check_plan(plan).problems == []
+    assert (plan.name, plan.groups, plan.script) == ("site-b", [["vm-a", "vm-b"], ["vm-c"]], True)
+    custom = target_for(plan, DrRunKind.FAILOVER, VM, None, [nic("10.0.0.9/24")])
+    assert custom.interfaces[0].addresses == ["10.9.0.200/24"]
+    offset = target_for(plan, DrRunKind.FAILOVER, "vm-b-uuid", "vm-b", [nic("10.0.0.17/24")])
+    assert offset.interfaces[0].addresses == ["10.9.0.17/24"]
+    assert offset.interfaces[0].gateways == ["10.9.0.1"]
+    test = target_for(plan, DrRunKind.TEST, "vm-b-uuid", "vm-b", [nic("10.0.0.17/24")])
+    assert test.interfaces[0].addresses == ["192.168.77.17/24"]
+
+
+def test_overrides_by_uuid_for_groups_by_name_are_checked_once_names_resolve() -> None:
+    plan = DrPlan.model_validate(yaml_plan(ISSUE_EXAMPLE % VM))
+    # the registry says vm-a is VM: the override belongs to a group member
+    assert orphan_overrides(plan, [[VM, "u-b"], ["u-c"]], {VM: "vm-a"}) == []
+    # it names none of the resolved VMs: refused at the run start
+    assert orphan_overrides(plan, [["u-a", "u-b"], ["u-c"]], {"u-a": "vm-a"}) == [
+        f"vms[0]: VM {VM!r} has overrides but is in no group"
+    ]
+
+
+def yaml_plan(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)

@@ -172,3 +172,20 @@ async def test_test_run_uses_test_mappings_and_the_test_script(stack: DrStack) -
     assert reply.run.state is DrRunState.SUCCEEDED, status.reason
     assert network(agent)[0].startswith("192.168.")
     assert status.script is not None and "(test)" in status.script.tail
+
+
+async def test_an_override_for_no_vm_of_the_groups_is_refused_when_the_run_starts(
+    stack: DrStack,
+) -> None:
+    """Groups by name, override by uuid: only the registry can tell they disagree."""
+    (vm,) = await stack.fleet.add_vms(1)
+    await stack.link.wait_registered([vm.uuid])
+    name = "orphan-web"  # as a bridge records it from the domain XML
+    await stack.link.registry.change(vm.uuid, lambda r: r.model_copy(update={"name": name}))
+    stranger = str(uuid.uuid4())
+    override = {"vm": stranger, "addresses": ["10.9.0.201/16"]}
+    put = await stack.call("plan.put", {"plan": plan("orphan", [[name]], vms=[override])})
+    assert put["created"] is True  # undecidable when stored
+    with expect_error("invalid_plan") as err:
+        await stack.call("run.start", {"plan": "orphan"})
+    assert f"VM {stranger!r} has overrides but is in no group" in err.value.message

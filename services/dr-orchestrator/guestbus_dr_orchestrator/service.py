@@ -71,7 +71,7 @@ from guestbus.contract import (
     dr_event_subject,
     dr_subject,
 )
-from guestbus.dr.plan import check_plan, is_uuid, override_for
+from guestbus.dr.plan import check_plan, is_uuid, orphan_overrides, override_for
 from guestbus.dr.signing import Signer, load_private
 from guestbus.drkeys import ensure_public_key
 from guestbus.provision import provision
@@ -441,6 +441,9 @@ class DrOrchestrator(BusService):
                         ERROR_INVALID_PLAN, f"VM {vm} is named twice in the plan's groups"
                     )
                 seen.add(vm)
+        orphans = orphan_overrides(plan, groups, names)
+        if orphans:
+            raise BusError(ERROR_INVALID_PLAN, "; ".join(orphans))
         return groups, names
 
     async def run_start(self, request: Request) -> bytes:

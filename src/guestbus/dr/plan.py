@@ -240,7 +240,10 @@ def check_plan(plan: DrPlan) -> PlanCheck:
         if key in overridden:
             problems.append(f"{where}: VM {vm.vm!r} has overrides twice")
         overridden.add(key)
-        if key not in seen:
+        # by uuid here and by name in a group (or the other way round): only the registry
+        # can tell, so the run start checks it (orphan_overrides)
+        decidable = all(is_uuid(ref) == is_uuid(vm.vm) for ref in seen)
+        if key not in seen and decidable:
             problems.append(f"{where}: VM {vm.vm!r} has overrides but is in no group")
         if vm.interface is not None and not vm.interface.strip():
             problems.append(f"{where}.interface: empty")
@@ -301,6 +304,15 @@ def _check_addresses(block: DrAddresses, where: str, problems: list[str]) -> lis
 
 
 # --- one VM's target ----------------------------------------------------------------------
+
+
+def orphan_overrides(plan: DrPlan, groups: list[list[str]], names: dict[str, str]) -> list[str]:
+    """Overrides that match no VM of the resolved ``groups`` (uuids; ``names`` by uuid)."""
+    return [
+        f"vms[{i}]: VM {item.vm!r} has overrides but is in no group"
+        for i, item in enumerate(plan.vms)
+        if not any(override_for(plan, vm, names.get(vm)) is item for g in groups for vm in g)
+    ]
 
 
 def override_for(plan: DrPlan, vm: str, name: str | None) -> DrVmOverride | None:
