@@ -102,6 +102,26 @@ CMD_DR_APPLY: Final = "dr_apply"
 """Apply a signed DR network change (:class:`DrSignedChange` of type ``network``)."""
 CMD_DR_SCRIPT: Final = "dr_script"
 """Run the guest's DR recovery script (:class:`DrSignedChange` of type ``script``)."""
+CMD_FREEZE: Final = "freeze"
+"""Quiesce: run ``pre_freeze``, freeze the writable local file systems (:class:`FreezeRequest`);
+the agent thaws by itself when no ``thaw`` arrives before the deadline."""
+CMD_THAW: Final = "thaw"
+"""Thaw in reverse order, then run ``post_thaw`` (:class:`ThawResult`)."""
+CMD_FREEZE_STATUS: Final = "freeze_status"
+"""Whether the guest's file systems are frozen now, and the last self-thaw (:class:`FreezeStatus`)."""
+CMD_SSR_UNMOUNT: Final = "ssr_unmount"
+"""Unmount a restore disk before the host detaches it (:class:`SsrUnmountRequest`)."""
+
+# Guest-initiated self-service restore (gb.rpc.<method>): rpc-router forwards each to the
+# host adapter of the VM (``gb.hv.<stamped vm>.<op>``), so a VM only ever reaches its own.
+RPC_SSR_LIST: Final = "ssr_list"
+"""The VM's snapshots (forwarded to ``snapshot_list``)."""
+RPC_SSR_ATTACH: Final = "ssr_attach"
+"""Attach one of them read-only (forwarded to ``restore_attach``)."""
+RPC_SSR_DETACH: Final = "ssr_detach"
+"""Detach a restore disk (forwarded to ``restore_detach``)."""
+RPC_SSR_ATTACHED: Final = "ssr_attached"
+"""The VM's attached restore disks (forwarded to ``restore_list``)."""
 
 # --- errors -------------------------------------------------------------------------------
 
@@ -271,6 +291,10 @@ class VmRecord(_Model):
     last_heartbeat: datetime | None = None
     last_hello: datetime | None = None
     capabilities: list[str] = Field(default_factory=list)
+    host_capabilities: list[str] = Field(
+        default_factory=list,
+        description="What the VM's host can do for it: 'snapshot', 'restore' (host adapter).",
+    )
     config_uuid: str | None = None
     hostname: str | None = None
     os: str | None = None
@@ -708,11 +732,28 @@ def iso_object_name(vm: str) -> str:
 
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
-AGENT_COMMANDS: Final = (CMD_PING, CMD_INFO, CMD_ALLOWED, CMD_RENEW, CMD_DR_APPLY, CMD_DR_SCRIPT)
+FREEZE_DEADLINE_DEFAULT: Final = 60.0
+"""Seconds a guest stays frozen at most unless the host asks for less (qemu-ga has no bound)."""
+FREEZE_DEADLINE_MAX: Final = 600.0
+SSR_MOUNT_DIR: Final = "/mnt/guestbus-restore"
+"""Where the agent mounts restore disks: ``<dir>/<label>`` (the label is the snapshot name)."""
+PRE_FREEZE_SCRIPT: Final = "/usr/local/sbin/pre_freeze"
+POST_THAW_SCRIPT: Final = "/usr/local/sbin/post_thaw"
+
+AGENT_COMMANDS: Final = (
+    CMD_PING,
+    CMD_INFO,
+    CMD_ALLOWED,
+    CMD_RENEW,
+    CMD_DR_APPLY,
+    CMD_DR_SCRIPT,
+    CMD_FREEZE,
+    CMD_THAW,
+    CMD_FREEZE_STATUS,
+    CMD_SSR_UNMOUNT,
+)
 """Host commands an agent can be allowed to serve (the agent's own list must match)."""
-AgentCommand = Annotated[
-    str, StringConstraints(pattern=r"^(ping|info|allowed|renew|dr_apply|dr_script)$")
-]
+AgentCommand = Annotated[str, StringConstraints(pattern="^(" + "|".join(AGENT_COMMANDS) + ")$")]
 
 
 class AgentConfigFile(_Model):
@@ -737,6 +778,22 @@ class AgentConfigFile(_Model):
     allowed_commands: list[AgentCommand] = Field(default_factory=lambda: list(AGENT_COMMANDS))
     state_dir: Annotated[str, StringConstraints(pattern=r"^/")] = "/var/lib/guestbus"
     ip_fallback: bool = True
+    freeze_deadline: float = Field(
+        default=FREEZE_DEADLINE_DEFAULT,
+        ge=1,
+        le=FREEZE_DEADLINE_MAX,
+        description="Longest a freeze lasts: the agent thaws by itself after this many seconds.",
+    )
+    freeze_script_timeout: float = Field(
+        default=30.0, ge=1, le=600, description="Hard timeout of pre_freeze and post_thaw (s)."
+    )
+    freeze_exclude: list[Annotated[str, StringConstraints(pattern=r"^/")]] = Field(
+        default_factory=list, max_length=64, description="Mount points never frozen."
+    )
+    ssr: bool = Field(default=True, description="Self-service restore for root in the guest.")
+    restore_dir: Annotated[str, StringConstraints(pattern=r"^/")] = Field(
+        default=SSR_MOUNT_DIR, description="Restore disks are mounted at <restore_dir>/<label>."
+    )
 
 
 class IsoKind(StrEnum):
@@ -1332,5 +1389,269 @@ SCHEMA_MODELS.update(
         "dr-change-payload": DrChangePayload,
         "dr-apply-result": DrApplyResult,
         "dr-script-reply": DrScriptReply,
+    }
+)
+
+
+# --- snapshots and self-service restore ---
+# The host adapter (in serial-bridge, one per hypervisor host) serves ``gb.hv.<vm>.<op>`` for
+# the libvirt domains of its host; nobody else answers for a VM, so a VM on no host gets "no
+# responders" at once. Restore disks it attached live in KV ``gb_restores`` (key
+# ``<vm>.<label>``) with their detach time, so a restarted adapter still detaches them.
+# Snapshot outcomes are kept in libvirt's own snapshot metadata (the description holds the
+# :class:`SnapshotRecord`) and announced on ``gb.evt.snapshot.<vm>``. See docs/snapshots.md.
+
+HV_PREFIX: Final = "gb.hv"
+HV_SNAPSHOT_CREATE: Final = "snapshot_create"
+HV_SNAPSHOT_LIST: Final = "snapshot_list"
+HV_SNAPSHOT_DELETE: Final = "snapshot_delete"
+HV_RESTORE_ATTACH: Final = "restore_attach"
+HV_RESTORE_DETACH: Final = "restore_detach"
+HV_RESTORE_LIST: Final = "restore_list"
+HV_OPS: Final = (
+    HV_SNAPSHOT_CREATE,
+    HV_SNAPSHOT_LIST,
+    HV_SNAPSHOT_DELETE,
+    HV_RESTORE_ATTACH,
+    HV_RESTORE_DETACH,
+    HV_RESTORE_LIST,
+)
+SSR_FORWARD: Final = {
+    RPC_SSR_LIST: HV_SNAPSHOT_LIST,
+    RPC_SSR_ATTACH: HV_RESTORE_ATTACH,
+    RPC_SSR_DETACH: HV_RESTORE_DETACH,
+    RPC_SSR_ATTACHED: HV_RESTORE_LIST,
+}
+"""Guest RPC → host adapter op; rpc-router forwards with the VM the link terminator stamped."""
+
+EVT_SNAPSHOT: Final = "snapshot"
+"""Snapshot and restore-disk events (:class:`SnapshotEvent`)."""
+KV_RESTORES: Final = "gb_restores"
+"""KV bucket: attached restore disks and when they are detached (:class:`RestoreAttachment`)."""
+RESTORE_TTL_DEFAULT: Final = 24 * 3600.0
+"""A restore disk is detached this long after it was attached, unless configured otherwise."""
+RESTORE_SERIAL_PREFIX: Final = "gbssr-"
+"""Disk serial of restore disks: the guest finds ``/dev/disk/by-id/virtio-gbssr-…``."""
+
+ERROR_HYPERVISOR: Final = "hypervisor_error"
+"""libvirt refused or failed an operation; the message carries libvirt's words."""
+ERROR_SNAPSHOT_EXISTS: Final = "snapshot_exists"
+ERROR_SNAPSHOT_NOT_FOUND: Final = "snapshot_not_found"
+ERROR_NOT_RUNNING: Final = "vm_not_running"
+"""The operation needs a running domain (attach, quiesce)."""
+ERROR_FROZEN: Final = _wire_errors.FROZEN
+"""A freeze is already in progress in this guest."""
+
+
+def hv_subject(vm: str, op: str) -> str:
+    """``gb.hv.<vm>.<op>``: a hypervisor operation on one VM (host adapter)."""
+    if op not in HV_OPS:
+        raise ValueError(f"no host adapter operation {op!r}")
+    return f"{HV_PREFIX}.{_token(vm, 'vm')}.{op}"
+
+
+def hv_wildcard(vm: str) -> str:
+    """``gb.hv.<vm>.*``: what the adapter holding the VM's domain serves."""
+    return f"{HV_PREFIX}.{_token(vm, 'vm')}.*"
+
+
+class Consistency(StrEnum):
+    """What a snapshot can be trusted for."""
+
+    APPLICATION = "application"
+    """pre_freeze succeeded, file systems were frozen, post_thaw ran."""
+    FILESYSTEM = "filesystem"
+    """File systems were frozen but applications were not quiesced (no usable pre_freeze)."""
+    CRASH = "crash"
+    """Nothing was frozen: like a power cut (journals make it whole at mount)."""
+
+
+class ScriptState(StrEnum):
+    OK = "ok"
+    MISSING = "missing"
+    REFUSED = "refused"
+    """Present but not root-owned mode 700 (or not a regular file): not run."""
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    """Killed at its hard timeout."""
+    SKIPPED = "skipped"
+
+
+class ScriptOutcome(_Model):
+    path: str
+    state: ScriptState
+    exit_code: int | None = None
+    seconds: float | None = None
+    reason: str | None = Field(default=None, description="Why it did not run or failed.")
+    output: str = Field(default="", max_length=4096, description="Tail of its output.")
+
+
+class FreezeRequest(_Model):
+    """Params of ``freeze``."""
+
+    deadline: float | None = Field(
+        default=None,
+        gt=0,
+        le=FREEZE_DEADLINE_MAX,
+        description="Thaw by itself after this many seconds (at most the agent's own limit).",
+    )
+    snapshot: str | None = Field(default=None, max_length=64, description="For the logs.")
+
+
+class FreezeResult(_Model):
+    frozen: list[str] = Field(description="Mount points frozen, in freeze order.")
+    excluded: list[str] = Field(default_factory=list)
+    consistency: Consistency = Field(description="What a snapshot taken now can be trusted for.")
+    pre_freeze: ScriptOutcome
+    seconds: float = Field(description="How long pre_freeze and the freeze took.")
+    deadline_seconds: float = Field(description="The guest thaws by itself after this long.")
+    notes: list[str] = Field(default_factory=list)
+
+
+class ThawResult(_Model):
+    thawed: list[str] = Field(description="Mount points thawed, in thaw order.")
+    post_thaw: ScriptOutcome
+    frozen_seconds: float | None = Field(default=None, description="How long they were frozen.")
+    self_thawed: bool = Field(
+        default=False, description="The deadline had passed: the guest had already thawed."
+    )
+    notes: list[str] = Field(default_factory=list)
+
+
+class FreezeStatus(_Model):
+    frozen: bool
+    mounts: list[str] = Field(default_factory=list)
+    since: datetime | None = None
+    deadline: datetime | None = None
+    self_thaws: int = Field(default=0, description="Times the deadline thawed the guest.")
+    last_self_thaw: datetime | None = None
+
+
+class SsrUnmountRequest(_Model):
+    label: Name
+
+
+class SsrUnmountReply(_Model):
+    label: Name
+    unmounted: bool
+    path: str | None = None
+
+
+class SnapshotStep(_Model):
+    step: Annotated[str, StringConstraints(pattern=r"^(freeze|snapshot|thaw)$")]
+    ok: bool
+    seconds: float
+    detail: str | None = None
+
+
+class SnapshotDisk(_Model):
+    target: str = Field(description="The guest disk (e.g. vda).")
+    file: str = Field(description="The image as it was at the snapshot (read-only from now).")
+    overlay: str = Field(description="Where the VM has been writing since.")
+
+
+class SnapshotRecord(_Model):
+    """One snapshot and how it was taken (kept in libvirt's snapshot description)."""
+
+    vm: Uuid
+    name: Name
+    host: str
+    created_at: datetime
+    quiesce_requested: bool
+    consistency: Consistency
+    reasons: list[str] = Field(
+        default_factory=list, description="Why it is less than application-consistent."
+    )
+    frozen_seconds: float | None = None
+    steps: list[SnapshotStep] = Field(default_factory=list)
+    disks: list[SnapshotDisk] = Field(default_factory=list)
+    freeze: FreezeResult | None = None
+    thaw: ThawResult | None = None
+
+
+class SnapshotCreateRequest(_Model):
+    name: Name | None = Field(default=None, description="Default: snap-<UTC timestamp>.")
+    quiesce: bool = False
+    freeze_deadline: float | None = Field(default=None, gt=0, le=FREEZE_DEADLINE_MAX)
+
+
+class SnapshotListReply(_Model):
+    snapshots: list[SnapshotRecord]
+
+
+class SnapshotDeleteRequest(_Model):
+    name: Name
+
+
+class SnapshotDeleteReply(_Model):
+    name: Name
+    deleted: bool = True
+
+
+class RestoreAttachRequest(_Model):
+    snapshot: Name
+    ttl: float | None = Field(
+        default=None, gt=0, description="Detach after this many seconds (at most the default)."
+    )
+
+
+class RestoreAttachment(_Model):
+    """A snapshot's disk attached read-only to its VM (KV ``gb_restores``)."""
+
+    vm: Uuid
+    label: Name = Field(description="Names the attachment; the guest mounts it at <dir>/<label>.")
+    snapshot: Name
+    host: str
+    target: str = Field(description="Guest disk the adapter attached (e.g. vdb).")
+    serial: str = Field(description="Disk serial the guest finds it by.")
+    file: str
+    attached_at: datetime
+    detach_at: datetime
+    requested_by: Annotated[str, StringConstraints(pattern=r"^(guest|operator)$")] = "operator"
+
+
+class RestoreDetachRequest(_Model):
+    label: Name
+
+
+class RestoreDetachReply(_Model):
+    label: Name
+    detached: bool = True
+    unmounted: bool | None = Field(
+        default=None, description="Whether the agent unmounted it first (None: not asked)."
+    )
+
+
+class RestoreListReply(_Model):
+    attachments: list[RestoreAttachment]
+
+
+class SnapshotEvent(_Model):
+    vm: Uuid
+    action: Annotated[
+        str, StringConstraints(pattern=r"^(created|deleted|attached|detached|auto_detached)$")
+    ]
+    name: Name
+    host: str
+    consistency: Consistency | None = None
+    detail: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+SCHEMA_MODELS.update(
+    {
+        "freeze-request": FreezeRequest,
+        "freeze-result": FreezeResult,
+        "thaw-result": ThawResult,
+        "freeze-status": FreezeStatus,
+        "snapshot-record": SnapshotRecord,
+        "snapshot-create-request": SnapshotCreateRequest,
+        "snapshot-list-reply": SnapshotListReply,
+        "snapshot-delete-request": SnapshotDeleteRequest,
+        "restore-attach-request": RestoreAttachRequest,
+        "restore-attachment": RestoreAttachment,
+        "restore-detach-request": RestoreDetachRequest,
+        "restore-list-reply": RestoreListReply,
+        "snapshot-event": SnapshotEvent,
     }
 )

@@ -21,6 +21,7 @@ INTERNAL = "internal"  # a bug on the answering side; the message says where
 LINK_LOST = "link_lost"  # the connection dropped while the request was in flight
 BAD_SIGNATURE = "bad_signature"  # a signed change is unsigned, mis-signed or has no key to check
 STALE = "stale"  # a signed change expired, is not yet valid, or is older than one already applied
+FROZEN = "frozen"  # the guest's file systems are frozen (or being frozen) already
 
 ALL_CODES: Tuple[str, ...] = (
     BAD_REQUEST,
@@ -38,4 +39,5 @@ ALL_CODES: Tuple[str, ...] = (
     LINK_LOST,
     BAD_SIGNATURE,
     STALE,
+    FROZEN,
 )
