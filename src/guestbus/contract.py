@@ -108,7 +108,7 @@ the agent thaws by itself when no ``thaw`` arrives before the deadline."""
 CMD_THAW: Final = "thaw"
 """Thaw in reverse order, then run ``post_thaw`` (:class:`ThawResult`)."""
 CMD_FREEZE_STATUS: Final = "freeze_status"
-"""Whether the guest's file systems are frozen now, and the last self-thaw (:class:`FreezeStatus`)."""
+"""Whether the file systems are frozen now, and the last self-thaw (:class:`FreezeStatus`)."""
 CMD_SSR_UNMOUNT: Final = "ssr_unmount"
 """Unmount a restore disk before the host detaches it (:class:`SsrUnmountRequest`)."""
 
