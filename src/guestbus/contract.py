@@ -1398,8 +1398,9 @@ SCHEMA_MODELS.update(
 # the libvirt domains of its host; nobody else answers for a VM, so a VM on no host gets "no
 # responders" at once. Restore disks it attached live in KV ``gb_restores`` (key
 # ``<vm>.<label>``) with their detach time, so a restarted adapter still detaches them.
-# Snapshot outcomes are kept in libvirt's own snapshot metadata (the description holds the
-# :class:`SnapshotRecord`) and announced on ``gb.evt.snapshot.<vm>``. See docs/snapshots.md.
+# libvirt says which snapshots exist; how each was taken (:class:`SnapshotRecord`) is kept in
+# KV ``gb_snapshots`` (key ``<vm>.<name>``) and announced on ``gb.evt.snapshot.<vm>``.
+# See docs/snapshots.md.
 
 HV_PREFIX: Final = "gb.hv"
 HV_SNAPSHOT_CREATE: Final = "snapshot_create"
@@ -1426,6 +1427,8 @@ SSR_FORWARD: Final = {
 
 EVT_SNAPSHOT: Final = "snapshot"
 """Snapshot and restore-disk events (:class:`SnapshotEvent`)."""
+KV_SNAPSHOTS: Final = "gb_snapshots"
+"""KV bucket: how each snapshot was taken (:class:`SnapshotRecord`, key ``<vm>.<name>``)."""
 KV_RESTORES: Final = "gb_restores"
 """KV bucket: attached restore disks and when they are detached (:class:`RestoreAttachment`)."""
 RESTORE_TTL_DEFAULT: Final = 24 * 3600.0
@@ -1547,6 +1550,7 @@ class SnapshotStep(_Model):
 class SnapshotDisk(_Model):
     target: str = Field(description="The guest disk (e.g. vda).")
     file: str = Field(description="The image as it was at the snapshot (read-only from now).")
+    format: str = Field(default="qcow2", description="Image format of ``file`` (qcow2, raw).")
     overlay: str = Field(description="Where the VM has been writing since.")
 
 

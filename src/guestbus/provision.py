@@ -21,6 +21,8 @@ from guestbus.contract import (
     KV_DR_RUNS,
     KV_ISO_MANIFESTS,
     KV_LEASES,
+    KV_RESTORES,
+    KV_SNAPSHOTS,
     KV_VMS,
     LEASE_TTL_SECONDS,
     OBJ_ISOS,
@@ -57,6 +59,8 @@ KV_SPECS: tuple[KVSpec, ...] = (
     KVSpec(KV_LEASES, "guestbus leases (expire unless renewed)", ttl=LEASE_TTL_SECONDS),
     KVSpec(KV_ISO_MANIFESTS, "guestbus newest ISO per VM (key: VM uuid)", history=5),
     KVSpec(KV_DR_KEYS, "guestbus DR signing key pair", history=5),
+    KVSpec(KV_SNAPSHOTS, "guestbus how each snapshot was taken (key: vm.name)", history=5),
+    KVSpec(KV_RESTORES, "guestbus attached restore disks (key: vm.label)", history=5),
 )
 ISOS_DESCRIPTION = "guestbus per-VM ISO images"
 

@@ -15,6 +15,8 @@ from guestbus.contract import (
     KV_DR_RUNS,
     KV_ISO_MANIFESTS,
     KV_LEASES,
+    KV_RESTORES,
+    KV_SNAPSHOTS,
     KV_VMS,
     LEASE_TTL_SECONDS,
     OBJ_ISOS,
@@ -24,7 +26,19 @@ from guestbus.contract import (
 from guestbus.provision import provision
 from guestbus.runtime.procs import pid_alive
 
-BUCKETS = (KV_VMS, KV_CERTS, KV_DR_PLANS, KV_DR_RUNS, KV_LEASES, KV_ISO_MANIFESTS, KV_DR_KEYS)
+BUCKETS = (
+    KV_VMS,
+    KV_CERTS,
+    KV_DR_PLANS,
+    KV_DR_RUNS,
+    KV_LEASES,
+    KV_ISO_MANIFESTS,
+    KV_DR_KEYS,
+    KV_RESTORES,
+    KV_SNAPSHOTS,
+    KV_SNAPSHOTS,
+    KV_RESTORES,
+)
 
 
 async def test_broker_start_provision_stop(tmp_path: Path) -> None:
