@@ -30,6 +30,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from guestbus.contract import (
+    AGENT_COMMANDS,
     EVT_GUEST,
     EVT_LINK,
     HEADER_DEADLINE_MS,
@@ -38,6 +39,16 @@ from guestbus.contract import (
     HEADER_REQUEST_ID,
     HEADER_VM,
     HEADER_VM_NAME,
+    RPC_ENROLL,
+    RPC_HEARTBEAT,
+    RPC_HELLO,
+    RPC_RENEW,
+    RPC_REPORT,
+    RPC_SSR_ATTACH,
+    RPC_SSR_ATTACHED,
+    RPC_SSR_DETACH,
+    RPC_SSR_LIST,
+    SSR_FORWARD,
     LinkEvent,
     LinkKind,
     LinkState,
@@ -53,22 +64,18 @@ from guestbus.wire.aio import Channel, LinkClosed, RemoteError
 
 log = logging.getLogger("guestbus.link")
 
-KNOWN_METHODS = frozenset(
-    {
-        "ping",
-        "info",
-        "allowed",
-        "renew",
-        "dr_apply",
-        "dr_script",
-        "hello",
-        "heartbeat",
-        "report",
-        "enroll",
-    }
-)
-GUEST_RPCS = frozenset({"hello", "heartbeat", "report", "enroll", "renew"})
+GUEST_RPCS = frozenset({RPC_HELLO, RPC_HEARTBEAT, RPC_REPORT, RPC_ENROLL, RPC_RENEW, *SSR_FORWARD})
 """Guest-initiated RPCs a terminator forwards to ``gb.rpc.<method>`` (rpc-router serves them)."""
+KNOWN_METHODS = frozenset(AGENT_COMMANDS) | GUEST_RPCS
+"""Method names that get their own metrics label (anything else is ``other``)."""
+SLOW_GUEST_RPCS = {
+    RPC_SSR_ATTACH: 90.0,
+    RPC_SSR_DETACH: 90.0,
+    RPC_SSR_LIST: 20.0,
+    RPC_SSR_ATTACHED: 20.0,
+}
+"""Guest RPCs that wait on the hypervisor (a disk hot-plug) get longer than ``rpc_timeout``;
+the guest's own deadline still bounds them."""
 MAX_COMMAND_TIMEOUT = 600.0
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -318,7 +325,7 @@ class Terminator:
             reply = await self.nc.request(
                 subject,
                 json.dumps(params).encode(),
-                timeout=self.limits.rpc_timeout,
+                timeout=max(self.limits.rpc_timeout, SLOW_GUEST_RPCS.get(method, 0.0)),
                 headers=self.headers(),
             )
         except NoRespondersError:

@@ -14,6 +14,8 @@ import socket
 import time
 from datetime import UTC, datetime, timedelta
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -35,6 +37,7 @@ from guestbus.contract import (
     RPC_QUEUE,
     RPC_RENEW,
     RPC_REPORT,
+    SSR_FORWARD,
     CertIssueRequest,
     GuestInfo,
     Heartbeat,
@@ -48,6 +51,7 @@ from guestbus.contract import (
     VmEvent,
     VmRecord,
     evt_subject,
+    hv_subject,
     rpc_subject,
 )
 from guestbus.registry import Registry
@@ -192,6 +196,11 @@ class RpcRouter(BusService):
             (RPC_RENEW, self.renew,
              "A guest renews its certificate (any link; expired: serial only).", 16),
         ]  # fmt: skip
+        for method, op in SSR_FORWARD.items():
+            endpoints.append((
+                method, functools.partial(self.self_service, method),
+                f"Self-service restore from inside a guest: forwarded to gb.hv.<its vm>.{op}.", 16,
+            ))  # fmt: skip
         for method, handler, description, concurrency in endpoints:
             await ctx.add_endpoint(
                 method,
@@ -337,6 +346,30 @@ class RpcRouter(BusService):
 
     async def renew(self, request: Request) -> bytes:
         return await self._certificate(request, CA_RENEW)
+
+    async def self_service(self, method: str, request: Request) -> bytes:
+        """A guest's self-service restore request, sent on to the host adapter of the VM
+        the terminator stamped: the subject names that VM, so no payload can reach another's
+        snapshots. The link headers go along (the adapter records who asked)."""
+        stamp = stamp_of(request)
+        subject = hv_subject(stamp.vm, SSR_FORWARD[method])
+        headers = {HEADER_VM: stamp.vm, HEADER_LINK: stamp.link.value, HEADER_HOST: stamp.host}
+        try:
+            reply = await self.ctx.nc.request(subject, request.data, timeout=85.0, headers=headers)
+        except NoRespondersError:
+            raise BusError(
+                errors.UNAVAILABLE,
+                "no hypervisor adapter answers for this VM (its host's serial-bridge has no "
+                "libvirt access, or the VM is not a libvirt domain)",
+                503,
+            ) from None
+        except NatsTimeout:
+            raise BusError(errors.TIMEOUT, f"{subject} did not answer in time", 504) from None
+        self.guest_rpcs.labels(method, stamp.link.value).inc()
+        err = BusError.from_reply(reply.headers, reply.data)
+        if err is not None:
+            raise err
+        return reply.data
 
     async def report(self, request: Request) -> bytes:
         stamp = stamp_of(request)
