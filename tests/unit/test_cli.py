@@ -7,6 +7,10 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.conftest import NatsServer
 
 ROOT = Path(__file__).resolve().parents[2]
 VM = "5b0c1e2a-1111-4222-8333-944455556666"
@@ -61,3 +65,16 @@ def test_unreachable_nats_is_one_clear_line() -> None:
 def test_schemas_are_in_sync_with_the_contract() -> None:
     out = cli("schemas", "--check")
     assert out.returncode == 0, out.stderr
+
+
+def test_snapshot_without_a_host_adapter_is_one_clear_line(nats_server: NatsServer) -> None:
+    vm = "5b0c1d2e-0000-4000-8000-000000000001"
+    out = cli("snapshot", "ls", vm, env={"GUESTBUS_NATS_URL": nats_server.url})
+    assert out.returncode == 1, out
+    assert f"no host adapter answers for VM {vm}" in out.stderr
+    assert "GUESTBUS_LIBVIRT_URI" in out.stderr and "Traceback" not in out.stderr
+    bad = cli(
+        "snapshot", "create", vm, "--name", "no spaces", env={"GUESTBUS_NATS_URL": nats_server.url}
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "name" in bad.stderr

@@ -162,9 +162,11 @@ async def service_call(
     *,
     service: str,
     timeout: float = 15.0,
+    absent: str | None = None,
 ) -> M:
     """One request to a service endpoint; its absence, silence and typed errors become a
-    one-line CliError. An empty reply body reads as ``{}``."""
+    one-line CliError (``absent`` replaces the default advice when nobody answers). An
+    empty reply body reads as ``{}``."""
     if isinstance(request, BaseModel):
         data = request.model_dump_json(exclude_none=True).encode()
     else:
@@ -173,7 +175,8 @@ async def service_call(
         msg = await nc.request(subject, data, timeout=timeout)
     except NoRespondersError:
         raise CliError(
-            f"the {service} service is not running (no responder on {subject}); "
+            absent
+            or f"the {service} service is not running (no responder on {subject}); "
             "`guestbus up` starts it"
         ) from None
     except (NatsTimeoutError, asyncio.TimeoutError):

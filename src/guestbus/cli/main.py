@@ -18,6 +18,7 @@ COMMANDS = (
     "guestbus.cli.vm",
     "guestbus.cli.cert",
     "guestbus.cli.iso",
+    "guestbus.cli.snapshot",
     "guestbus.cli.dr",
     "guestbus.cli.schemas",
     "guestbus.cli.deploy",

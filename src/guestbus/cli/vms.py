@@ -9,13 +9,32 @@ from typing import Any
 from nats.aio.client import Client
 
 from guestbus.cli.common import add_nats_option, age, registry, run_async, table, with_bus
+from guestbus.contract import CMD_FREEZE, CMD_THAW, VmRecord
+
+
+def snapshot_support(rec: VmRecord) -> str:
+    """``quiesce`` when the host can snapshot the VM and its agent freezes on request,
+    ``crash`` when only the host can, ``-`` when the host cannot (no libvirt adapter)."""
+    if "snapshot" not in rec.host_capabilities:
+        return "-"
+    agent = set(rec.capabilities)
+    return "quiesce" if {f"cmd:{CMD_FREEZE}", f"cmd:{CMD_THAW}"} <= agent else "crash"
+
+
+def restore_support(rec: VmRecord) -> str:
+    """Self-service file-level restore needs both the host adapter and the agent's ``ssr``."""
+    return "yes" if "restore" in rec.host_capabilities and "ssr" in rec.capabilities else "-"
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "vms",
-        help="list VMs: agent version, link (serial / ip / down) and host, last heartbeat",
-        description="List the VMs in the registry with their agent and link state.",
+        help="list VMs: agent, link (serial / ip / down) and host, heartbeat, snapshots, restore",
+        description=(
+            "List the VMs in the registry with their agent and link state. SNAPSHOT: quiesce "
+            "(the host snapshots and the agent freezes), crash (host only) or -; RESTORE: yes "
+            "when root in the guest can restore files itself (guestbus-agent ssr)."
+        ),
     )
     p.add_argument("--json", action="store_true", help="machine-readable output (a JSON list)")
     add_nats_option(p)
@@ -38,11 +57,12 @@ def run(args: argparse.Namespace) -> int:
                 r.agent_version or "-",
                 r.link.value + (f"@{r.host}" if r.host and r.link.value != "down" else ""),
                 age(r.last_heartbeat),
-                ",".join(c.removeprefix("cmd:") for c in r.capabilities) or "-",
+                snapshot_support(r),
+                restore_support(r),
             )
             for r in records
         ]
-        header = ("VM", "NAME", "AGENT", "LINK", "HEARTBEAT", "CAPABILITIES")
+        header = ("VM", "NAME", "AGENT", "LINK", "HEARTBEAT", "SNAPSHOT", "RESTORE")
         print(table(header, rows))
         by_link: dict[str, int] = {}
         for r in records:
