@@ -131,6 +131,16 @@ class ServiceProcess:
             time.sleep(0.1)
         return time.monotonic() - started
 
+    def kill(self) -> int | None:
+        """SIGKILL: the process gets no chance to clean up (a crash, an OOM kill)."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        return proc.returncode
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (a graceful drain), then SIGKILL after ``timeout``; the exit status."""
         proc = self.proc
@@ -161,7 +171,15 @@ class Event:
 class Cluster:
     """nats-server + cert-authority + rpc-router + iso-builder + serial-bridge."""
 
-    def __init__(self, workdir: Path, iso_dir: Path, wheel_cache: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        iso_dir: Path,
+        wheel_cache: Path,
+        bridge_env: dict[str, str] | None = None,
+    ) -> None:
+        self.bridge_env = dict(bridge_env or {})
+        """Extra settings of the serial-bridge (e.g. its host adapter's restore TTL)."""
         self.workdir = workdir
         self.iso_dir = iso_dir
         self.wheel_cache = wheel_cache
@@ -212,6 +230,7 @@ class Cluster:
             GUESTBUS_SERIAL_PORT_INDEX="1",
             GUESTBUS_SCAN_INTERVAL="1",
             GUESTBUS_BRIDGE_HOST=BRIDGE_HOST,
+            **self.bridge_env,
         )
         for service in self.services.values():
             service.start()
