@@ -109,9 +109,12 @@ class Commands:
         allowed: Tuple[str, ...],
         extra: Optional[Dict[str, Handler]] = None,
         interfaces_fn: Optional[Callable[[], List[Dict[str, Any]]]] = None,
+        features: Tuple[str, ...] = (),
     ) -> None:
         self.vm = vm
         self.allowed = tuple(allowed)
+        # Capabilities beyond commands (e.g. "ssr": root in the guest can restore files).
+        self.features = tuple(features)
         self.interfaces_fn = interfaces_fn
         self._table: Dict[str, Handler] = {
             "ping": self._ping,
@@ -121,7 +124,8 @@ class Commands:
         self._table.update(extra or {})
 
     def capabilities(self) -> List[str]:
-        return ["cmd:" + name for name in self.allowed if name in self._table]
+        commands = ["cmd:" + name for name in self.allowed if name in self._table]
+        return commands + list(self.features)
 
     async def run(self, method: str, params: Dict[str, Any]) -> Dict[str, Any]:
         if method not in self.allowed or method not in self._table:

@@ -19,7 +19,20 @@ ISO_CONFIG_NAME = layout.ISO_CONFIG
 DEFAULT_PORT = 2074
 DEFAULT_DEVICE = "/dev/ttyS1"  # COM2: target port 1 of the reference domain XML
 DEFAULT_STATE_DIR = layout.STATE_DIR
-KNOWN_COMMANDS = ("ping", "info", "allowed", "renew", "dr_apply", "dr_script")
+KNOWN_COMMANDS = (
+    "ping",
+    "info",
+    "allowed",
+    "renew",
+    "dr_apply",
+    "dr_script",
+    "freeze",
+    "thaw",
+    "freeze_status",
+    "ssr_unmount",
+)
+FREEZE_DEADLINE_MAX = 600.0
+DEFAULT_RESTORE_DIR = "/mnt/guestbus-restore"
 
 _UUID = re.compile(
     r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
@@ -44,6 +57,15 @@ class AgentConfig:
     allowed_commands: Tuple[str, ...] = KNOWN_COMMANDS
     state_dir: str = DEFAULT_STATE_DIR
     ip_fallback: bool = True
+    # Longest a freeze lasts (s): the agent thaws by itself after it.
+    freeze_deadline: float = 60.0
+    # Hard timeout of pre_freeze and post_thaw (s).
+    freeze_script_timeout: float = 30.0
+    # Mount points never frozen.
+    freeze_exclude: Tuple[str, ...] = ()
+    # Self-service restore for root in the guest; restore disks are mounted under restore_dir.
+    ssr: bool = True
+    restore_dir: str = DEFAULT_RESTORE_DIR
     source_config_uuid: Optional[str] = None
     # Grows with every ISO built for the VM: which of two configs is newer (provisioning).
     config_serial: Optional[int] = None
@@ -63,6 +85,11 @@ class AgentConfig:
             "allowed_commands": list(self.allowed_commands),
             "state_dir": self.state_dir,
             "ip_fallback": self.ip_fallback,
+            "freeze_deadline": self.freeze_deadline,
+            "freeze_script_timeout": self.freeze_script_timeout,
+            "freeze_exclude": list(self.freeze_exclude),
+            "ssr": self.ssr,
+            "restore_dir": self.restore_dir,
             **({"source_config_uuid": self.source_config_uuid} if self.source_config_uuid else {}),
             **({"config_serial": self.config_serial} if self.config_serial is not None else {}),
         }
@@ -125,6 +152,21 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
     fallback = data.get("ip_fallback", True)
     if not isinstance(fallback, bool):
         raise ConfigError(f"{source}: field 'ip_fallback' must be true or false")
+    exclude = data.get("freeze_exclude", [])
+    if (
+        not isinstance(exclude, list)
+        or len(exclude) > 64
+        or not all(isinstance(p, str) and p.startswith("/") for p in exclude)
+    ):
+        raise ConfigError(
+            f"{source}: field 'freeze_exclude' must be a list of at most 64 absolute mount points"
+        )
+    ssr = data.get("ssr", True)
+    if not isinstance(ssr, bool):
+        raise ConfigError(f"{source}: field 'ssr' must be true or false")
+    restore_dir = data.get("restore_dir", DEFAULT_RESTORE_DIR)
+    if not isinstance(restore_dir, str) or not restore_dir.startswith("/") or restore_dir == "/":
+        raise ConfigError(f"{source}: field 'restore_dir' must be an absolute directory path")
     derived = data.get("source_config_uuid")
     if derived is not None and not isinstance(derived, str):
         raise ConfigError(f"{source}: field 'source_config_uuid' must be a string")
@@ -152,6 +194,15 @@ def parse_config(data: Any, source: str = "config") -> AgentConfig:
         allowed_commands=tuple(dict.fromkeys(commands)),
         state_dir=state_dir,
         ip_fallback=fallback,
+        freeze_deadline=float(
+            _number(data, "freeze_deadline", 60.0, 1, FREEZE_DEADLINE_MAX, source, False)
+        ),
+        freeze_script_timeout=float(
+            _number(data, "freeze_script_timeout", 30.0, 1, 600, source, False)
+        ),
+        freeze_exclude=tuple(dict.fromkeys(exclude)),
+        ssr=ssr,
+        restore_dir=restore_dir.rstrip("/"),
         source_config_uuid=derived,
         config_serial=serial,
         source=source,

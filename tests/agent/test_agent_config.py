@@ -29,8 +29,38 @@ def test_minimal_config_gets_defaults() -> None:
     assert cfg.serial_device == "/dev/ttyS1"
     assert cfg.serial_failure_limit == 3
     assert cfg.heartbeat_failure_limit == 20
-    assert cfg.allowed_commands == ("ping", "info", "allowed", "renew", "dr_apply", "dr_script")
+    assert cfg.allowed_commands == (
+        "ping",
+        "info",
+        "allowed",
+        "renew",
+        "dr_apply",
+        "dr_script",
+        "freeze",
+        "thaw",
+        "freeze_status",
+        "ssr_unmount",
+    )
     assert cfg.state_dir == "/var/lib/guestbus" and cfg.ip_fallback is True
+    assert cfg.freeze_deadline == 60 and cfg.freeze_script_timeout == 30
+    assert cfg.freeze_exclude == () and cfg.ssr is True
+    assert cfg.restore_dir == "/mnt/guestbus-restore"
+
+
+def test_snapshot_fields_round_trip() -> None:
+    data: Dict[str, object] = dict(VALID)
+    data.update(
+        freeze_deadline=20,
+        freeze_script_timeout=5.5,
+        freeze_exclude=["/srv/scratch", "/var/tmp"],
+        ssr=False,
+        restore_dir="/restore/",
+    )
+    cfg = parse_config(data)
+    assert cfg.freeze_deadline == 20.0 and cfg.freeze_script_timeout == 5.5
+    assert cfg.freeze_exclude == ("/srv/scratch", "/var/tmp") and cfg.ssr is False
+    assert cfg.restore_dir == "/restore"
+    assert parse_config(cfg.to_json()) == cfg
 
 
 @pytest.mark.parametrize("field", ["vm_uuid", "config_uuid", "gateway_host"])
@@ -53,6 +83,14 @@ def test_missing_required_field_is_named(field: str) -> None:
         ("serial_device", "ttyS1"),
         ("allowed_commands", ["ping", "rm -rf"]),
         ("allowed_commands", "ping"),
+        ("freeze_deadline", 0.5),
+        ("freeze_deadline", 601),
+        ("freeze_script_timeout", "30"),
+        ("freeze_exclude", "/srv"),
+        ("freeze_exclude", ["relative"]),
+        ("ssr", "yes"),
+        ("restore_dir", "mnt"),
+        ("restore_dir", "/"),
     ],
 )
 def test_invalid_field_is_named(field: str, value: object) -> None:
