@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from guestbus.wire import errors
 from guestbus.wire.aio import LinkClosed, RemoteError
 
 from .commands import Commands
@@ -26,6 +27,8 @@ from .config import AgentConfig, write_state_config
 from .dr import DrAgent, DrOptions
 from .identity import Identity, IdentityError, renew_at, utcnow
 from .link import Backoff, Link, Opener
+from .quiesce import Quiescer
+from .ssr import ControlServer, DiskLocator, Restorer
 from .tls import tls_opener
 
 log = logging.getLogger("guestbus.agent")
@@ -40,12 +43,25 @@ class Agent:
         rng: Optional[random.Random] = None,
         certificates: bool = True,
         dr: Optional[DrOptions] = None,
+        quiescer: Optional[Quiescer] = None,
+        control_socket: Optional[str] = None,
+        disk_locator: Optional[DiskLocator] = None,
     ) -> None:
+        """``quiescer``: the real one in a guest (:meth:`Quiescer.from_config`); by default
+        an inert one, since lab agents share the machine's file systems. ``control_socket``:
+        serve self-service restore there (none by default)."""
         self.config = config
         self.certificates = certificates
         self.rng = rng or random.Random()
         self.identity = Identity(Path(config.state_dir))
         self.dr = DrAgent(config.vm_uuid, Path(config.state_dir), dr)
+        self.quiesce = quiescer or Quiescer.inert()
+        self.restore = Restorer(
+            config.restore_dir, self.rpc, enabled=config.ssr, locator=disk_locator
+        )
+        self.control = (
+            ControlServer(self.restore, control_socket) if control_socket is not None else None
+        )
         self.commands = Commands(
             config.vm_uuid,
             config.allowed_commands,
@@ -53,9 +69,14 @@ class Agent:
                 "renew": self._cmd_renew,
                 "dr_apply": self.dr.dr_apply,
                 "dr_script": self.dr.dr_script,
+                "freeze": self.quiesce.freeze,
+                "thaw": self.quiesce.thaw,
+                "freeze_status": self.quiesce.status,
+                "ssr_unmount": self.restore.ssr_unmount,
             },
             # a simulated network (lab agents) answers ``info`` with its own interfaces
             interfaces_fn=self.dr.interfaces if dr is not None and dr.backend else None,
+            features=("ssr",) if config.ssr else (),
         )
         self.serial = Link(
             config,
@@ -99,6 +120,13 @@ class Agent:
             return self.ip
         return None
 
+    async def rpc(self, method: str, params: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+        """A guest RPC over whichever link is up."""
+        link = self.active_link()
+        if link is None or link.channel is None:
+            raise RemoteError(errors.NO_ACTIVE_LINK, "the agent has no link to the host right now")
+        return await link.channel.request(method, params, timeout)
+
     def _on_change(self, link: Link) -> None:
         self._wake.set()
         self._link_event.set()
@@ -120,6 +148,8 @@ class Agent:
         ]
         if self.certificates:
             tasks.append(asyncio.ensure_future(self._identity_loop()))
+        if self.control is not None:
+            tasks.append(asyncio.ensure_future(self.control.serve()))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -127,6 +157,8 @@ class Agent:
                 task.cancel()
             await self._stop_ip()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Never leave the guest frozen (or its applications quiesced) behind us.
+            await asyncio.get_running_loop().run_in_executor(None, self.quiesce.shutdown)
 
     async def _supervise_ip(self) -> None:
         while True:

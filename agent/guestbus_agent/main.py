@@ -16,6 +16,9 @@ from .dr import DrOptions
 from .identity import IdentityError
 from .link import serial_opener
 from .provisioning import IsoLocator, ProvisioningError, take_at_start, take_from
+from .quiesce import Quiescer
+from .ssr import CONTROL_SOCKET
+from .ssr import main as ssr_main
 
 log = logging.getLogger("guestbus.agent")
 
@@ -29,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
             f"else from {ISO_CONFIG_NAME} on the mounted ISO labelled {ISO_LABEL}. "
             "With --config, the agent first takes a newer config (and certificate) from the "
             "ISO if one is attached, mounting it read-only for the moment if needed."
+        ),
+        epilog=(
+            "Self-service restore (root in the guest): 'guestbus-agent ssr ls-snaps | attach "
+            "SNAPSHOT | detach LABEL [--force] | ls-attached' asks the running agent over its "
+            "control socket; see 'guestbus-agent ssr --help'."
         ),
     )
     p.add_argument(
@@ -83,12 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="root under which DR changes write the network files and find the recovery "
         "scripts (default /; another directory is for tests and inspection)",
     )
+    p.add_argument(
+        "--control-socket",
+        default=CONTROL_SOCKET,
+        metavar="PATH",
+        help=f"serve self-service restore on this unix socket (default {CONTROL_SOCKET}; root "
+        "only, mode 0600)",
+    )
     p.add_argument("--version", action="version", version="guestbus-agent " + __version__)
     return p
 
 
-async def run_agent(config: AgentConfig, dr: Optional[DrOptions] = None) -> int:
-    agent = Agent(config, serial_opener(config.serial_device), dr=dr)
+async def run_agent(
+    config: AgentConfig, dr: Optional[DrOptions] = None, control_socket: Optional[str] = None
+) -> int:
+    agent = Agent(
+        config,
+        serial_opener(config.serial_device),
+        dr=dr,
+        quiescer=Quiescer.from_config(config),
+        control_socket=control_socket,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,8 +142,11 @@ def take_config(source: Path, config: Path, state_dir: Optional[Path], force: bo
 
 def main(argv: Optional[List[str]] = None, locator: Optional[IsoLocator] = None) -> int:
     """``locator`` says where to look for the ISO (tests stand in for /dev and /proc)."""
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["ssr"]:
+        return ssr_main(args_in[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_in)
     if args.force and not args.take_config_from:
         parser.error("--force goes with --take-config-from")
     if args.take_config_from and not args.config:
@@ -164,7 +190,7 @@ def main(argv: Optional[List[str]] = None, locator: Optional[IsoLocator] = None)
     else:
         dr_key = Path(layout.DR_KEY_PATH)
     dr = DrOptions(key_path=dr_key.absolute(), root=args.dr_root.absolute())
-    return asyncio.run(run_agent(config, dr))
+    return asyncio.run(run_agent(config, dr, args.control_socket))
 
 
 if __name__ == "__main__":
