@@ -57,7 +57,11 @@ class Agent:
         self.dr = DrAgent(config.vm_uuid, Path(config.state_dir), dr)
         self.quiesce = quiescer or Quiescer.inert()
         self.restore = Restorer(
-            config.restore_dir, self.rpc, enabled=config.ssr, locator=disk_locator
+            config.restore_dir,
+            self.rpc,
+            enabled=config.ssr,
+            locator=disk_locator,
+            frozen_fn=self.quiesce.is_frozen,
         )
         self.control = (
             ControlServer(self.restore, control_socket) if control_socket is not None else None

@@ -420,10 +420,8 @@ class Quiescer:
         """Host command ``freeze`` (FreezeRequest → FreezeResult)."""
         deadline = self._deadline_of(params)
         snapshot = params.get("snapshot")
-        if snapshot is not None and not (
-            isinstance(snapshot, str) and _SNAPSHOT_NAME.match(snapshot)
-        ):
-            raise RemoteError(errors.BAD_REQUEST, "'snapshot' must be a name of 1-64 characters")
+        if snapshot is not None and not (isinstance(snapshot, str) and len(snapshot) <= 64):
+            raise RemoteError(errors.BAD_REQUEST, "'snapshot' must be a string of 64 characters")
         op = self._op_lock()
         if op.locked() or self._frozen or self._post_owed:
             what = "frozen" if self._frozen else "being frozen, or not yet thawed"
@@ -476,6 +474,9 @@ class Quiescer:
         """Host command ``freeze_status`` (→ FreezeStatus)."""
         return self.status_now()
 
+    def is_frozen(self) -> bool:
+        return bool(self._frozen)
+
     def status_now(self) -> Dict[str, Any]:
         with self._lock:
             return {
@@ -526,7 +527,9 @@ class Quiescer:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self._self_thaw = None
-        self._snapshot_env = {"GUESTBUS_SNAPSHOT": snapshot} if snapshot else {}
+        # The scripts see the snapshot's name when it is a plain one.
+        named = snapshot is not None and _SNAPSHOT_NAME.match(snapshot)
+        self._snapshot_env = {"GUESTBUS_SNAPSHOT": snapshot} if snapshot and named else {}
         try:
             sel = select(self.mounts_fn(), self.exclude, self.restore_dir)
         except OSError as exc:

@@ -196,8 +196,12 @@ class Restorer:
         enabled: bool = True,
         locator: Optional[DiskLocator] = None,
         device_wait: float = DEVICE_WAIT,
+        frozen_fn: Optional[Callable[[], bool]] = None,
     ) -> None:
+        """``frozen_fn`` says whether the guest's file systems are frozen for a snapshot:
+        nothing under the restore directory can be created or removed meanwhile."""
         self.restore_dir = restore_dir.rstrip("/") or "/"
+        self.frozen_fn = frozen_fn or (lambda: False)
         self.rpc = rpc
         self.enabled = enabled
         self.locator = locator or DiskLocator()
@@ -219,6 +223,11 @@ class Restorer:
                     errors.NOT_ALLOWED, "self-service restore is disabled on this VM (config 'ssr')"
                 )
             op = request["op"]
+            if op in ("attach", "detach") and self.frozen_fn():
+                raise SsrError(
+                    errors.FROZEN,
+                    "the file systems are frozen for a snapshot right now: try again in a minute",
+                )
             if op == "ls-snaps":
                 result = await self.list_snapshots()
             elif op == "attach":
@@ -242,6 +251,8 @@ class Restorer:
         try:
             return await self.rpc(method, params, timeout)
         except RemoteError as exc:
+            if exc.code == errors.NO_ACTIVE_LINK:
+                raise SsrError(exc.code, exc.message) from None
             raise SsrError(exc.code, f"the host says: {exc.message}") from None
         except LinkClosed:
             raise SsrError(errors.LINK_LOST, "the link to the host dropped; try again") from None
@@ -395,6 +406,8 @@ class Restorer:
                     )
                 raise SsrError(MOUNT_FAILED, f"cannot unmount {point}: {out}")
             done.append(point)
+        if self.frozen_fn():
+            return done  # removing the directories would wait for the thaw; left for later
         if os.path.isdir(base):
             for child in sorted(os.listdir(base)):
                 with contextlib.suppress(OSError):

@@ -454,7 +454,7 @@ def test_deadline_is_capped_by_the_config_and_validated() -> None:
         result = await q.freeze({"deadline": 100})
         await q.thaw({})
         assert result["deadline_seconds"] == 2 and result["consistency"] == "filesystem"
-        for bad in ({"deadline": 0}, {"deadline": "5"}, {"deadline": 601}, {"snapshot": "a/b"}):
+        for bad in ({"deadline": 0}, {"deadline": "5"}, {"deadline": 601}, {"snapshot": 5}):
             with pytest.raises(RemoteError) as err:
                 await q.freeze(bad)
             assert err.value.code == errors.BAD_REQUEST

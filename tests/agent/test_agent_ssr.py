@@ -7,6 +7,7 @@ Only the host's answers are a double. Standard library + pytest only (also runs 
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from guestbus_agent.agent import Agent
 from guestbus_agent.config import parse_config
 from guestbus_agent.main import build_parser as agent_parser
 from guestbus_agent.main import main as agent_main
-from guestbus_agent.quiesce import read_mountinfo
+from guestbus_agent.quiesce import FITHAW, Quiescer, read_mountinfo
 from guestbus_agent.ssr import (
     CONTROL_SOCKET,
     ControlServer,
@@ -226,8 +227,11 @@ class Host:
 
 
 class Harness:
-    def __init__(self, tmp: Path, sock: Path, ssr: bool = True) -> None:
+    def __init__(
+        self, tmp: Path, sock: Path, ssr: bool = True, quiescer: Optional[Quiescer] = None
+    ) -> None:
         self.tmp = tmp
+        self.quiescer = quiescer
         self.sock = sock
         self.restore = tmp / "restore"
         by_id = tmp / "by-id"
@@ -269,6 +273,7 @@ class Harness:
             certificates=False,
             control_socket=str(self.sock),
             disk_locator=self.locator,
+            quiescer=self.quiescer,
         )
         self._task = asyncio.ensure_future(self.agent.run())
         loop = asyncio.get_running_loop()
@@ -674,3 +679,58 @@ def test_help_mentions_self_service_restore() -> None:
     assert code == 0
     for op in ("ls-snaps", "attach", "detach", "ls-attached", "--json", "--socket"):
         assert op in out
+
+
+@needs_root
+def test_the_host_freezes_and_thaws_through_the_agent(tmp_path: Path, sock_dir: Path) -> None:
+    """freeze / freeze_status / thaw over the agent's link, with a real frozen file system;
+    restore operations wait while frozen, and an agent that stops thaws."""
+    image = tmp_path / "fs.img"
+    with open(str(image), "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    run(["mkfs.ext4", "-q", "-F", str(image)])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run(["mount", "-o", "loop", str(image), str(mnt)])
+    only_mine = lambda: [m for m in read_mountinfo() if m.mount_point == str(mnt)]  # noqa: E731
+    q = Quiescer(
+        mounts_fn=only_mine,
+        pre_freeze=str(tmp_path / "none"),
+        post_thaw=str(tmp_path / "none"),
+        restore_dir=str(tmp_path / "restore"),
+    )
+    h = Harness(tmp_path, sock_dir / "agent.sock", quiescer=q)
+
+    async def main() -> None:
+        await h.start()
+        assert h.host.channel is not None
+        stopped = False
+        try:
+            frozen = await h.host.channel.request("freeze", {"snapshot": "s1"}, 10)
+            assert frozen["frozen"] == [str(mnt)] and frozen["consistency"] == "filesystem"
+            status = await h.host.channel.request("freeze_status", {}, 5)
+            assert status["frozen"] is True and status["mounts"] == [str(mnt)]
+            code, _, err = await h.cli("attach", "s1")
+            assert code == 1 and "frozen" in err and h.host.calls == []
+            thawed = await h.host.channel.request("thaw", {}, 10)
+            assert thawed["thawed"] == [str(mnt)] and thawed["self_thawed"] is False
+            status = await h.host.channel.request("freeze_status", {}, 5)
+            assert status["frozen"] is False
+            # frozen again, then the agent stops: it thaws on the way out
+            await h.host.channel.request("freeze", {}, 10)
+            writer = await asyncio.create_subprocess_exec("sh", "-c", f"echo x > {mnt}/after-stop")
+            await h.stop()
+            stopped = True
+            assert await asyncio.wait_for(writer.wait(), 5) == 0
+        finally:
+            if not stopped:
+                await h.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        fd = os.open(str(mnt), os.O_RDONLY | os.O_DIRECTORY)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, FITHAW, 0)
+        os.close(fd)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
