@@ -107,6 +107,7 @@ from guestbus.contract import (
     iso_subject,
 )
 from guestbus.drkeys import public_pem
+from guestbus.kvscan import kv_keys
 from guestbus.provision import provision
 from guestbus.runtime import check_reply
 from guestbus.runtime.service import run_loop
@@ -555,12 +556,7 @@ async def count_stored(nc: Client, vms: Sequence[str]) -> tuple[int, int]:
     except NotFoundError:
         names = set()
     manifests = await js.key_value(KV_ISO_MANIFESTS)
-    try:
-        keys = set(await manifests.keys())
-    except Exception as exc:  # NoKeysError when empty
-        if type(exc).__name__ != "NoKeysError":
-            raise
-        keys = set()
+    keys = set(await kv_keys(manifests))
     objects = sum(1 for vm in vms if iso_object_name(vm) in names)
     return objects, sum(1 for vm in vms if vm in keys)
 

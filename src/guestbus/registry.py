@@ -12,11 +12,11 @@ import asyncio
 import weakref
 from collections.abc import Callable
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from guestbus.contract import VmRecord
+from guestbus.kvscan import kv_scan
 
 Mutator = Callable[[VmRecord], VmRecord | None]
 
@@ -72,36 +72,10 @@ class Registry:
         raise RuntimeError(f"registry entry {uuid} changed concurrently {attempts} times in a row")
 
     async def all(self) -> list[VmRecord]:
-        """A snapshot of every record (one watch, no per-key round trips).
-
-        While entries change, the watch's initial values (one per key) can list a key twice
-        (old value, then new) or skip one whose new value only follows the end-of-initial-
-        values marker. So the newest value of each key wins, deletes remove it, and reading
-        goes on past the marker up to the bucket's last sequence at that moment.
-        """
-        latest: dict[str, VmRecord] = {}
-        newest = 0
-        end: int | None = None
-        watcher = await self.kv.watchall(include_history=False)
-        try:
-            while end is None or newest < end:
-                try:  # after the marker: if the last message is gone, nothing newer is missing
-                    entry = await watcher.updates(  # type: ignore[no-untyped-call]
-                        timeout=None if end is None else 2.0
-                    )
-                except NatsTimeoutError:
-                    break
-                if entry is None:
-                    state = (await self.kv.status()).stream_info.state
-                    end = state.last_seq if state.messages else 0
-                    continue
-                if not isinstance(entry, KeyValue.Entry):  # the watcher stopped
-                    break
-                newest = max(newest, entry.revision or 0)
-                if entry.value and entry.operation not in (KV_DEL, KV_PURGE):
-                    latest[entry.key] = VmRecord.model_validate_json(entry.value)
-                else:
-                    latest.pop(entry.key, None)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return sorted(latest.values(), key=lambda r: ((r.name or "~"), r.uuid))
+        """A snapshot of every record, by name then uuid (one scan, no per-key round trips;
+        see :mod:`guestbus.kvscan`). Deleted and empty entries are not records."""
+        found = await kv_scan(self.kv)
+        records = [
+            VmRecord.model_validate_json(item.value) for item in found.values() if item.value
+        ]
+        return sorted(records, key=lambda r: ((r.name or "~"), r.uuid))

@@ -28,6 +28,7 @@ from guestbus.contract import (
     IsoBuildReply,
     IsoManifest,
 )
+from guestbus.kvscan import kv_keys
 from guestbus.runtime import BusError
 from guestbus_iso_builder.wheelhouse import Wheelhouse
 
@@ -90,7 +91,7 @@ async def test_bulk_config_only_one_unknown_vm_fails_alone(env: IsoEnv) -> None:
         assert (await store.get(m.object)).data == data
         stored = IsoManifest.model_validate_json((await kv.get(m.vm)).value or b"")
         assert stored.sha256 == m.sha256 and stored.name == m.name
-    assert len(await kv.keys()) == 199
+    assert len(await kv_keys(kv)) == 199
 
 
 async def test_an_iso_carries_a_fresh_ca_signed_identity_for_its_vm(

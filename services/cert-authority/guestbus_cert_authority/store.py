@@ -10,7 +10,7 @@ Keys (constants in :mod:`guestbus.contract`, block "certificates"):
 - ``vm.<uuid>``: a VM's newest certificates (serial, not_after, revoked), compare-and-set;
 - ``crl``: the current :class:`CrlState`, replaced by compare-and-set (the CRL number grows).
 
-Listing reads every record with ONE watch on ``cert.>``, never a get per key.
+Listing reads every record with ONE scan of ``cert.>``, never a get per key.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from guestbus.contract import (
     CrlState,
     VmCertIndex,
 )
+from guestbus.kvscan import kv_scan
 
 VM_INDEX_MAX = 16
 GET_ATTEMPTS = 6
@@ -132,25 +133,11 @@ class CertStore:
         await self.kv.purge(CERTS_PREFIX_PEM + serial)
 
     async def scan(self) -> dict[str, CertRecord]:
-        """Every certificate record, by serial: one watch on ``cert.>``.
-
-        Writes made while the watch delivers may arrive twice; the newest value wins.
-        """
-        records: dict[str, CertRecord] = {}
-        watcher = await self.kv.watch(
-            CERTS_PREFIX_RECORD + ">", ignore_deletes=True, include_history=False
-        )
+        """Every certificate record, by serial: one scan of ``cert.>`` (:mod:`guestbus.kvscan`)."""
+        found = await kv_scan(self.kv, CERTS_PREFIX_RECORD + ">")
         validate = CertRecord.model_validate_json
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    rec = validate(entry.value)
-                    records[rec.serial] = rec
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return records
+        records = (validate(item.value) for item in found.values() if item.value)
+        return {rec.serial: rec for rec in records}
 
     # --- per-VM index ----------------------------------------------------------------------
 

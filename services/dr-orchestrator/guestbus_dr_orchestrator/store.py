@@ -13,12 +13,12 @@ import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from guestbus.contract import DR_LEASE_PREFIX, DrPlanRecord, DrRun, DrVmStatus
+from guestbus.kvscan import KvItem, kv_scan
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -76,27 +76,9 @@ async def cas(kv: KeyValue, key: str, value: BaseModel | bytes, last: int | None
         raise
 
 
-async def snapshot(kv: KeyValue, pattern: str) -> dict[str, KeyValue.Entry]:
-    """The newest entry of every key matching ``pattern`` (one ordered watch)."""
-    out: dict[str, KeyValue.Entry] = {}
-    watcher = await kv.watch(pattern, include_history=False)
-    try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
-            except NatsTimeoutError:
-                break
-            if entry is None or not isinstance(entry, KeyValue.Entry):
-                break
-            if entry.value and entry.operation not in (KV_DEL, KV_PURGE):
-                out[entry.key] = entry
-            else:
-                out.pop(entry.key, None)
-            if not entry.delta:
-                break
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return out
+async def snapshot(kv: KeyValue, pattern: str) -> dict[str, KvItem]:
+    """The newest value of every key matching ``pattern`` that has one (not empty)."""
+    return {key: item for key, item in (await kv_scan(kv, pattern)).items() if item.value}
 
 
 class DrStore:
@@ -120,9 +102,9 @@ class DrStore:
     async def plans_all(self) -> list[DrPlanRecord]:
         entries = await snapshot(self.plans, ">")
         out = []
-        for entry in entries.values():
-            data = json.loads(entry.value or b"{}")
-            out.append(DrPlanRecord.model_validate({**data, "revision": entry.revision}))
+        for item in entries.values():
+            data = json.loads(item.value)
+            out.append(DrPlanRecord.model_validate({**data, "revision": item.revision}))
         return sorted(out, key=lambda r: r.plan.name)
 
     # --- runs --------------------------------------------------------------------------
@@ -132,7 +114,7 @@ class DrStore:
 
     async def runs_all(self) -> list[DrRun]:
         entries = await snapshot(self.runs, "run.*")
-        runs = [DrRun.model_validate_json(e.value or b"{}") for e in entries.values()]
+        runs = [DrRun.model_validate_json(item.value) for item in entries.values()]
         return sorted(runs, key=lambda r: r.created_at, reverse=True)
 
     async def active(self) -> list[str]:
@@ -144,8 +126,8 @@ class DrStore:
     async def vms(self, run: str) -> dict[str, DrVmStatus]:
         entries = await snapshot(self.runs, f"vm.{run}.*")
         out = {}
-        for entry in entries.values():
-            status = DrVmStatus.model_validate_json(entry.value or b"{}")
+        for item in entries.values():
+            status = DrVmStatus.model_validate_json(item.value)
             out[status.vm] = status
         return out
 

@@ -23,7 +23,6 @@ from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 from nats.js.object_store import ObjectStore
 from nats.micro.request import Request
@@ -67,6 +66,7 @@ from guestbus.contract import (
     iso_subject,
 )
 from guestbus.drkeys import ensure_public_key
+from guestbus.kvscan import kv_scan
 from guestbus.provision import provision
 from guestbus.registry import Registry
 from guestbus.runtime import BusError, BusService, ServiceContext, parse_request
@@ -384,14 +384,12 @@ class IsoBuilder(BusService):
     async def list(self, request: Request) -> bytes:
         req = parse_request(IsoListRequest, request.data or b"{}")
         if req.vms is not None:
-            vms = list(dict.fromkeys(req.vms))
-        else:
-            try:
-                vms = sorted(await self.manifests.keys())
-            except NoKeysError:
-                vms = []
-        found = await asyncio.gather(*(self._manifest(vm) for vm in vms))
-        manifests = [m for m, _ in found if m is not None]
+            found = await asyncio.gather(*(self._manifest(vm) for vm in dict.fromkeys(req.vms)))
+            manifests = [m for m, _ in found if m is not None]
+        else:  # every manifest, by VM, in one scan of the bucket
+            stored = await kv_scan(self.manifests)
+            valid = IsoManifest.model_validate_json
+            manifests = [valid(stored[vm].value) for vm in sorted(stored) if stored[vm].value]
         return IsoListReply(manifests=manifests).model_dump_json(exclude_none=True).encode()
 
     async def get(self, request: Request) -> bytes:
