@@ -421,10 +421,12 @@ class Quiescer:
         deadline = self._deadline_of(params)
         snapshot = params.get("snapshot")
         if snapshot is not None and not (isinstance(snapshot, str) and len(snapshot) <= 64):
-            raise RemoteError(errors.BAD_REQUEST, "'snapshot' must be a string of 64 characters")
+            raise RemoteError(
+                errors.BAD_REQUEST, "'snapshot' must be a string of at most 64 characters"
+            )
         op = self._op_lock()
         if op.locked() or self._frozen or self._post_owed:
-            what = "frozen" if self._frozen else "being frozen, or not yet thawed"
+            what = "frozen" if self._frozen else "being frozen or thawed, or not yet thawed"
             raise RemoteError(
                 errors.FROZEN,
                 f"the file systems are {what} already (since {_iso(self._since) or 'now'}): "
