@@ -791,7 +791,7 @@ class AgentConfigFile(_Model):
         default_factory=list, max_length=64, description="Mount points never frozen."
     )
     ssr: bool = Field(default=True, description="Self-service restore for root in the guest.")
-    restore_dir: Annotated[str, StringConstraints(pattern=r"^/")] = Field(
+    restore_dir: Annotated[str, StringConstraints(pattern=r"^/.+")] = Field(
         default=SSR_MOUNT_DIR, description="Restore disks are mounted at <restore_dir>/<label>."
     )
 
@@ -1433,8 +1433,15 @@ KV_RESTORES: Final = "gb_restores"
 """KV bucket: attached restore disks and when they are detached (:class:`RestoreAttachment`)."""
 RESTORE_TTL_DEFAULT: Final = 24 * 3600.0
 """A restore disk is detached this long after it was attached, unless configured otherwise."""
+CAP_SSR: Final = "ssr"
+"""Agent capability (in its hello): root in the guest may use self-service restore."""
+HOST_CAP_SNAPSHOT: Final = "snapshot"
+"""Host capability (VmRecord.host_capabilities): the host adapter can snapshot the VM."""
+HOST_CAP_RESTORE: Final = "restore"
+"""Host capability: the host adapter can attach the VM's snapshots as restore disks."""
 RESTORE_SERIAL_PREFIX: Final = "gbssr-"
-"""Disk serial of restore disks: the guest finds ``/dev/disk/by-id/virtio-gbssr-…``."""
+"""Disk serial of restore disks (``gbssr-`` + 8 hex: virtio-blk keeps only 20 bytes); the
+guest finds ``/dev/disk/by-id/virtio-gbssr-…``."""
 
 ERROR_HYPERVISOR: Final = "hypervisor_error"
 """libvirt refused or failed an operation; the message carries libvirt's words."""

@@ -9,13 +9,20 @@ from typing import Any
 from nats.aio.client import Client
 
 from guestbus.cli.common import add_nats_option, age, registry, run_async, table, with_bus
-from guestbus.contract import CMD_FREEZE, CMD_THAW, VmRecord
+from guestbus.contract import (
+    CAP_SSR,
+    CMD_FREEZE,
+    CMD_THAW,
+    HOST_CAP_RESTORE,
+    HOST_CAP_SNAPSHOT,
+    VmRecord,
+)
 
 
 def snapshot_support(rec: VmRecord) -> str:
     """``quiesce`` when the host can snapshot the VM and its agent freezes on request,
     ``crash`` when only the host can, ``-`` when the host cannot (no libvirt adapter)."""
-    if "snapshot" not in rec.host_capabilities:
+    if HOST_CAP_SNAPSHOT not in rec.host_capabilities:
         return "-"
     agent = set(rec.capabilities)
     return "quiesce" if {f"cmd:{CMD_FREEZE}", f"cmd:{CMD_THAW}"} <= agent else "crash"
@@ -23,7 +30,8 @@ def snapshot_support(rec: VmRecord) -> str:
 
 def restore_support(rec: VmRecord) -> str:
     """Self-service file-level restore needs both the host adapter and the agent's ``ssr``."""
-    return "yes" if "restore" in rec.host_capabilities and "ssr" in rec.capabilities else "-"
+    ok = HOST_CAP_RESTORE in rec.host_capabilities and CAP_SSR in rec.capabilities
+    return "yes" if ok else "-"
 
 
 def add_parser(sub: Any) -> None:
