@@ -44,6 +44,7 @@ STATE_DIR = "/var/lib/guestbus"
 AGENT_DIST = "guestbus-agent"
 # --- the installer's own -------------------------------------------------------------------
 WANTS_LINK = "/etc/systemd/system/multi-user.target.wants/" + UNIT_NAME
+CLI_LINK = "/usr/local/sbin/guestbus-agent"  # root's PATH: `guestbus-agent ssr ...` works
 INSTALLED_MANIFEST = PREFIX + "/" + WHEELHOUSE_MANIFEST  # which wheelhouse the venv holds
 MIN_PYTHON = (3, 9)
 PIP_TAIL = 15
@@ -305,6 +306,18 @@ class Installer:
             say(f"unit: installed {unit}")
             self.changed.append("unit")
 
+    def link_cli(self) -> None:
+        link = self.at(CLI_LINK)
+        if os.path.islink(str(link)) and os.readlink(str(link)) == AGENT_BIN:
+            return
+        if os.path.lexists(str(link)):
+            say(f"command: left {link} alone (not ours); run {AGENT_BIN} instead")
+            return
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(AGENT_BIN, str(link))
+        self.changed.append("command")
+        say(f"command: {link} -> {AGENT_BIN}")
+
     def enable_and_start(self) -> None:
         if not self.systemd:
             link = self.at(WANTS_LINK)
@@ -368,6 +381,7 @@ class Installer:
             self.install_agent(manifest)
         self.take_config(config)
         self.install_unit()
+        self.link_cli()
         self.enable_and_start()
         if self.changed:
             say("done: {}".format(", ".join(self.changed)))
@@ -390,6 +404,10 @@ class Installer:
             if os.path.lexists(str(path)):
                 path.unlink()
                 self.changed.append(guest_path)
+        cli = self.at(CLI_LINK)
+        if os.path.islink(str(cli)) and os.readlink(str(cli)) == AGENT_BIN:
+            cli.unlink()
+            self.changed.append(CLI_LINK)
         if self.systemd:
             run(["systemctl", "daemon-reload"])
         remove = [PREFIX, ETC_DIR]

@@ -303,6 +303,11 @@ def test_fresh_install_is_offline_and_the_agent_starts_with_the_isos_config(
     assert unit.read_bytes() == (AGENT_DIR / "systemd/guestbus-agent.service").read_bytes()
     wants = scratch / "etc/systemd/system/multi-user.target.wants/guestbus-agent.service"
     assert os.readlink(wants) == "/etc/systemd/system/guestbus-agent.service"
+    # root's PATH finds the agent's own command (`guestbus-agent ssr ...` in the guest)
+    assert (
+        os.readlink(scratch / "usr/local/sbin/guestbus-agent")
+        == "/opt/guestbus/venv/bin/guestbus-agent"
+    )
 
     hello, _ = first_hello(
         [str(agent), "--config", str(config), "--state-dir", str(scratch / "var/lib/guestbus")]
@@ -416,6 +421,7 @@ def test_broken_venv_is_recreated_uninstall_keeps_the_identity_purge_removes_it(
         assert not (scratch / gone).exists(), gone
     wants = scratch / "etc/systemd/system/multi-user.target.wants/guestbus-agent.service"
     assert not os.path.lexists(wants)
+    assert not os.path.lexists(scratch / "usr/local/sbin/guestbus-agent")
     assert (scratch / "var/lib/guestbus/tls/client.key").exists()
     assert "nothing to remove" in ok(run_install(source, scratch, "--uninstall"))
     ok(run_install(source, scratch, "--uninstall", "--purge"))
