@@ -52,7 +52,7 @@ from .guest_shell import GuestShell
 pytestmark = pytest.mark.e2e
 
 INSTALL_TIMEOUT = 900.0
-AGENT = "/opt/guestbus/venv/bin/guestbus-agent"
+AGENT = "guestbus-agent"  # in /usr/local/sbin, linked by the installer
 SCRIPT_TIMEOUT = 30.0
 """The agent's default hard timeout of pre_freeze / post_thaw."""
 RESTORE_DIR = "/mnt/guestbus-restore"
