@@ -91,7 +91,7 @@ e2e: $(VENV)/.installed e2e-deps
 			echo "make e2e: building libvirt-python failed (it needs gcc, pkg-config, libvirt-dev and the headers of $$(readlink -f $(VENV)/bin/python))"; \
 			exit 1; }; }
 	e2e/guest-image >/dev/null
-	$(VENV)/bin/python -m pytest -m e2e tests/e2e -v
+	$(VENV)/bin/python -m pytest -m e2e tests/e2e tests/hv -v
 
 lint typecheck: $(VENV)/.installed $(VENV39)/.installed
 	$(VENV)/bin/ruff check .

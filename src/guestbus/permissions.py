@@ -50,7 +50,10 @@ from guestbus.contract import (
     CA_SERVER,
     CMD_DR_APPLY,
     CMD_DR_SCRIPT,
+    CMD_FREEZE,
     CMD_INFO,
+    CMD_SSR_UNMOUNT,
+    CMD_THAW,
     DR_KEY_PRIVATE,
     DR_KEY_PUBLIC,
     DR_PREFIX,
@@ -61,8 +64,10 @@ from guestbus.contract import (
     EVT_ISO,
     EVT_LINK,
     EVT_PREFIX,
+    EVT_SNAPSHOT,
     EVT_VM,
     GUEST_PREFIX,
+    HV_PREFIX,
     ISO_PREFIX,
     KV_CERTS,
     KV_DR_KEYS,
@@ -70,6 +75,8 @@ from guestbus.contract import (
     KV_DR_RUNS,
     KV_ISO_MANIFESTS,
     KV_LEASES,
+    KV_RESTORES,
+    KV_SNAPSHOTS,
     KV_VMS,
     OBJ_ISOS,
     RPC_PREFIX,
@@ -201,6 +208,21 @@ def link_terminator() -> Grant:
     return pub(f"{RPC_PREFIX}.*") + events(EVT_LINK, EVT_GUEST) + sub(f"{GUEST_PREFIX}.*.*")
 
 
+def host_adapter() -> Grant:
+    """What the host adapter in serial-bridge takes (snapshots, restore disks): serve
+    ``gb.hv.<vm>.<op>`` for its host's VMs, ask their agents to freeze, thaw and unmount,
+    keep its records and announce them."""
+    return (
+        sub(f"{HV_PREFIX}.*.*")
+        + pub(*(f"{GUEST_PREFIX}.*.{cmd}" for cmd in (CMD_FREEZE, CMD_THAW, CMD_SSR_UNMOUNT)))
+        + events(EVT_SNAPSHOT)
+        + kv_read(KV_SNAPSHOTS)
+        + kv_write(KV_SNAPSHOTS)
+        # the restore disks of its host are read back at start (a watch over the bucket)
+        + kv_all(KV_RESTORES)
+    )
+
+
 # --- roles ------------------------------------------------------------------------------------
 
 
@@ -289,14 +311,17 @@ def default_roles() -> dict[str, Role]:
     roles = [
         Role(
             "serial-bridge",
-            "one per hypervisor host: terminates VM serial links; records discovered VMs",
-            link_terminator() + kv_read(KV_VMS, "*") + kv_write(KV_VMS, "*"),
+            "one per hypervisor host: terminates VM serial links; records discovered VMs; "
+            "snapshots and restore disks through libvirt (host adapter)",
+            link_terminator() + kv_read(KV_VMS, "*") + kv_write(KV_VMS, "*") + host_adapter(),
         ),
         Role(
             "rpc-router",
             "guest RPCs, the VM registry, and the TLS gateway (a link terminator too)",
             sub(f"{RPC_PREFIX}.*", f"{EVT_PREFIX}.{EVT_LINK}.*", f"{EVT_PREFIX}.{EVT_CERT}.*")
             + link_terminator()
+            # guests' self-service restore requests, forwarded to their VM's host adapter
+            + pub(f"{HV_PREFIX}.*.*")
             + events(EVT_VM)
             + _ca(CA_ISSUE, CA_RENEW, CA_INFO, CA_SERVER)
             + kv_all(KV_VMS)
@@ -348,11 +373,14 @@ def default_roles() -> dict[str, Role]:
                 f"{CA_PREFIX}.*",
                 f"{ISO_PREFIX}.*",
                 f"{DR_PREFIX}.>",
+                f"{HV_PREFIX}.*.*",
                 "$SRV.>",
             )
             + kv_read(KV_VMS)
             + kv_watch(KV_VMS)
             + kv_read(KV_ISO_MANIFESTS)
+            + kv_read(KV_SNAPSHOTS)
+            + kv_read(KV_RESTORES)
             + obj_read(OBJ_ISOS)
             + _provisioning(),
             service=False,

@@ -24,6 +24,7 @@ from guestbus.runtime import BusService, ServiceContext
 from guestbus.terminator import LinkLimits, LinkMetrics
 
 from . import __version__
+from .adapter import HostAdapter
 from .discovery import VmSocket, scan_all
 from .link import VmLink
 from .settings import BridgeSettings
@@ -52,9 +53,12 @@ class SerialBridge(BusService):
         )
         ctx.registry.register(_LinkCollector(self))
         self.vms = await self._open_registry(ctx)
-        self._to_register: asyncio.Queue[VmSocket] = asyncio.Queue()
-        self._recorded: dict[str, str | None] = {}
-        """uuid → name of the VMs queued for the registry by this process."""
+        self._to_register: asyncio.Queue[tuple[VmSocket, tuple[str, ...]]] = asyncio.Queue()
+        self._recorded: dict[str, tuple[str | None, tuple[str, ...]]] = {}
+        """uuid → name and host capabilities of the VMs queued for the registry by this
+        process."""
+        self.adapter = HostAdapter(ctx, self.settings)
+        await self.adapter.start()
         ctx.spawn(self._register_forever(), name="register")
         await self.rescan()
         ctx.spawn(self._scan_forever(), name="discovery")
@@ -69,6 +73,7 @@ class SerialBridge(BusService):
         )
 
     async def teardown(self, ctx: ServiceContext) -> None:
+        await self.adapter.close()
         for link in list(self.links.values()):
             await link.stop("serial-bridge stopping")
 
@@ -90,6 +95,8 @@ class SerialBridge(BusService):
             self.settings.libvirt_xml_dirs,
             self.settings.serial_port_index,
         )
+        # The host adapter serves the VMs found here that libvirt knows (running or not).
+        await self.adapter.sync(set(found) | set(described))
         for uuid in [u for u in self.links if u not in found]:
             await self._drop(uuid)
         for uuid, vm in found.items():
@@ -98,6 +105,8 @@ class SerialBridge(BusService):
                 if vm.name and link.vm.name != vm.name:
                     link.rename(vm)
                     self._record(vm, again=True)
+                else:
+                    self._record(vm)  # a change of host capabilities
                 continue
             if link is not None:
                 await self._drop(uuid)
@@ -109,11 +118,13 @@ class SerialBridge(BusService):
                 self._record(vm)
 
     def _record(self, vm: VmSocket, again: bool = False) -> None:
-        """Queue a VM for the registry: once per name seen for it, or ``again``."""
-        if not again and vm.uuid in self._recorded and self._recorded[vm.uuid] == vm.name:
+        """Queue a VM for the registry: once per name and host capabilities seen for it, or
+        ``again``."""
+        seen = (vm.name, tuple(self.adapter.capabilities(vm.uuid)))
+        if not again and self._recorded.get(vm.uuid) == seen:
             return
-        self._recorded[vm.uuid] = vm.name
-        self._to_register.put_nowait(vm)
+        self._recorded[vm.uuid] = seen
+        self._to_register.put_nowait((vm, seen[1]))
 
     async def _add(self, vm: VmSocket) -> None:
         link = VmLink(vm, self)
@@ -137,9 +148,12 @@ class SerialBridge(BusService):
     async def _register_forever(self) -> None:
         """One at a time: a thousand VMs found at start must not flood the KV store."""
         while True:
-            vm = await self._to_register.get()
+            vm, capabilities = await self._to_register.get()
             try:
-                await self.vms.change(vm.uuid, partial(_discovered, vm, self.settings.bridge_host))
+                await self.vms.change(
+                    vm.uuid,
+                    partial(_discovered, vm, self.settings.bridge_host, list(capabilities)),
+                )
             except Exception as exc:  # the registry is a convenience here; links go on
                 self.ctx.log.warning(
                     "could not record discovered VM %s: %r", vm.uuid, exc, extra={"vm": vm.uuid}
@@ -169,14 +183,20 @@ class SerialBridge(BusService):
         }
 
 
-def _discovered(vm: VmSocket, host: str, record: VmRecord) -> VmRecord | None:
-    """A new VM gets a record (link down until its agent says hello); a known one only
-    a new name. Nothing else the router owns is touched."""
+def _discovered(
+    vm: VmSocket, host: str, capabilities: list[str], record: VmRecord
+) -> VmRecord | None:
+    """A new VM gets a record (link down until its agent says hello); a known one only a new
+    name, and what this host can do for it (host adapter). Nothing the router owns is
+    touched."""
+    update: dict[str, object] = {}
     if record.host is None and record.last_hello is None:
-        return record.model_copy(update={"name": vm.name or record.name, "host": host})
-    if vm.name and record.name != vm.name:
-        return record.model_copy(update={"name": vm.name})
-    return None
+        update.update(name=vm.name or record.name, host=host)
+    elif vm.name and record.name != vm.name:
+        update["name"] = vm.name
+    if record.host_capabilities != capabilities:
+        update["host_capabilities"] = capabilities
+    return record.model_copy(update=update) if update else None
 
 
 class _LinkCollector(Collector):

@@ -6,6 +6,7 @@ import socket
 
 from pydantic import Field, field_validator
 
+from guestbus.contract import FREEZE_DEADLINE_DEFAULT, FREEZE_DEADLINE_MAX, RESTORE_TTL_DEFAULT
 from guestbus.runtime import ServiceSettings
 from guestbus.runtime.settings import CommaList
 from guestbus.wire import MAX_FRAME
@@ -38,6 +39,44 @@ class BridgeSettings(ServiceSettings):
     rate_burst: int = Field(default=200, ge=1, description="Burst of guest frames per VM.")
     write_limit: int = Field(
         default=1 << 20, ge=4096, description="Bytes buffered towards one VM before refusing."
+    )
+    # --- the host adapter: snapshots and restore disks through libvirt (docs/snapshots.md) ---
+    libvirt_uri: str = Field(
+        default="qemu:///system",
+        description="libvirt connection of the host adapter (gb.hv.<vm>.*); empty: no adapter.",
+    )
+    restore_ttl: float = Field(
+        default=RESTORE_TTL_DEFAULT,
+        gt=0,
+        description="Longest a restore disk stays attached (s); a request may ask for less.",
+    )
+    restore_check_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between checks for restore disks that are due."
+    )
+    restore_max_per_vm: int = Field(
+        default=4, ge=1, le=16, description="Restore disks one VM may have attached at once."
+    )
+    freeze_deadline: float = Field(
+        default=FREEZE_DEADLINE_DEFAULT,
+        gt=0,
+        le=FREEZE_DEADLINE_MAX,
+        description="The guest thaws by itself this long after a freeze, unless asked for less.",
+    )
+    freeze_timeout: float = Field(
+        default=45.0,
+        gt=0,
+        le=600,
+        description="How long freeze and thaw may take in the guest (its pre_freeze/post_thaw "
+        "timeout, 30 s by default, plus a margin) before the snapshot goes on without.",
+    )
+    unmount_timeout: float = Field(
+        default=10.0, gt=0, le=60, description="How long the agent may take to unmount (s)."
+    )
+    detach_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=300,
+        description="How long the guest may take to release a restore disk being detached (s).",
     )
 
     @field_validator("socket_pattern")

@@ -290,6 +290,13 @@ class ServiceContext:
         self._subscriptions.append(sub)
         return sub
 
+    async def unsubscribe(self, sub: Subscription) -> None:
+        """End a subscription of :meth:`subscribe` before shutdown (e.g. for a VM that is
+        gone): drained, so the messages it had received are still handled."""
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(sub)
+        await drain_subscription(sub)
+
     def spawn(
         self, coro: Coroutine[Any, Any, Any], *, name: str | None = None
     ) -> asyncio.Task[Any]:
