@@ -109,6 +109,9 @@ CONCURRENCY_PER_VM = 4
 """Requests for one VM handled at once (the changes among them take turns)."""
 RECONNECT_INTERVAL = 30.0
 """Seconds between attempts to reach a libvirt that did not answer."""
+LIBVIRT_WAIT = 10.0
+"""How long discovery waits for libvirt (connect, list domains): a hung libvirtd must not
+hold up the links."""
 NEVER_FROZE = frozenset(
     {errors.NO_ACTIVE_LINK, errors.FROZEN, errors.NOT_ALLOWED, errors.UNKNOWN_METHOD}
     | {errors.BAD_REQUEST, errors.HELLO_REQUIRED, errors.RATE_LIMITED}
@@ -214,15 +217,20 @@ class HostAdapter:
     async def _connect(self) -> None:
         assert self.hv is not None
         self._last_attempt = time.monotonic()
+        reason: str | None = None
         try:
-            self.version = await self._hv(self.hv.connect)
+            self.version = await asyncio.wait_for(self._hv(self.hv.connect), LIBVIRT_WAIT)
         except HypervisorUnavailable as exc:
+            reason = str(exc)
+        except asyncio.TimeoutError:
+            reason = f"libvirt at {self.settings.libvirt_uri} did not answer in {LIBVIRT_WAIT:g} s"
+        if reason is not None:
             if not self._warned:
                 self._warned = True
                 log.warning(
                     "host adapter waiting for libvirt: %s; snapshots and restore disks are "
                     "unavailable until it answers (trying again every %.0f s)",
-                    exc,
+                    reason,
                     RECONNECT_INTERVAL,
                 )
             return
@@ -290,8 +298,8 @@ class HostAdapter:
                 return set()
         assert self.hv is not None
         try:
-            known = await self._hv(self.hv.domain_uuids)
-        except BusError as exc:
+            known = await asyncio.wait_for(self._hv(self.hv.domain_uuids), LIBVIRT_WAIT)
+        except (BusError, asyncio.TimeoutError) as exc:
             # libvirt is down for a moment: keep serving (requests get hypervisor_error)
             log.debug("listing libvirt domains failed: %s", exc)
             return set(self.subs) & discovered
