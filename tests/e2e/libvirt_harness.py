@@ -410,7 +410,7 @@ class Guest:
     def undefine(self) -> None:
         if self.dom is not None:
             with contextlib.suppress(Exception):
-                self.dom.undefine()
+                _undefine(self.dom)
             self.dom = None
 
     def teardown(self) -> None:
@@ -484,6 +484,12 @@ class Guest:
         return sock
 
 
+def _undefine(dom: Any) -> None:
+    """Undefine, with its snapshots' metadata (libvirt refuses a plain undefine then)."""
+    lv = _require_libvirt()
+    dom.undefineFlags(lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join("    | " + line for line in text.splitlines()[-lines:])
 
@@ -542,7 +548,7 @@ def cleanup_stale(conn: Any = None) -> list[str]:
                 if dom.isActive():
                     dom.destroy()
             with contextlib.suppress(Exception):
-                dom.undefine()
+                _undefine(dom)
             shutil.rmtree(vm_root() / name, ignore_errors=True)
             removed.append(name)
         # Directories of a run without a domain (e.g. the tier's ISO directory).
