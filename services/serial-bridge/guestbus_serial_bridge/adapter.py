@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
@@ -302,19 +303,24 @@ class HostAdapter:
         except (BusError, asyncio.TimeoutError) as exc:
             # libvirt is down for a moment: keep serving (requests get hypervisor_error)
             log.debug("listing libvirt domains failed: %s", exc)
-            return set(self.subs) & discovered
+            known = set(self.subs)
         wanted = discovered & known
         for vm in [v for v in self.subs if v not in wanted]:
             await self._unserve(vm)
-        added = [vm for vm in wanted if vm not in self.subs]
-        for vm in added:
-            self.subs[vm] = await self.ctx.subscribe(
-                hv_wildcard(vm), partial(self._on_message, vm), concurrency=CONCURRENCY_PER_VM
-            )
+        added = []
+        for vm in [v for v in wanted if v not in self.subs]:
+            try:
+                self.subs[vm] = await self.ctx.subscribe(
+                    hv_wildcard(vm), partial(self._on_message, vm), concurrency=CONCURRENCY_PER_VM
+                )
+            except Exception as exc:  # tried again at the next scan
+                log.warning("host adapter cannot serve VM %s now: %r", vm, exc, extra={"vm": vm})
+                continue
+            added.append(vm)
         if added:
             await flush_interest(self.nc)
             log.info("host adapter serves %d VM(s) more", len(added), extra={"vms": added})
-        return wanted
+        return set(self.subs)
 
     async def _unserve(self, vm: str) -> None:
         sub = self.subs.pop(vm, None)
@@ -389,6 +395,8 @@ class HostAdapter:
             raise BusError(
                 errors.TIMEOUT, f"the agent did not answer {method} within {timeout:.0f} s", 504
             ) from None
+        except NatsError as exc:
+            raise BusError(errors.UNAVAILABLE, f"{method} not sent: {exc!r}", 503) from None
         return check_reply(msg.headers, msg.data)
 
     async def _event(

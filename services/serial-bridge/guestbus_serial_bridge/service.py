@@ -96,7 +96,10 @@ class SerialBridge(BusService):
             self.settings.serial_port_index,
         )
         # The host adapter serves the VMs found here that libvirt knows (running or not).
-        await self.adapter.sync(set(found) | set(described))
+        try:
+            await self.adapter.sync(set(found) | set(described))
+        except Exception:  # the links go on whatever libvirt does
+            self.ctx.log.exception("host adapter: syncing the served VMs failed")
         for uuid in [u for u in self.links if u not in found]:
             await self._drop(uuid)
         for uuid, vm in found.items():
