@@ -1562,7 +1562,7 @@ class SnapshotDisk(_Model):
 
 
 class SnapshotRecord(_Model):
-    """One snapshot and how it was taken (kept in libvirt's snapshot description)."""
+    """One snapshot and how it was taken (KV ``gb_snapshots``; libvirt says whether it exists)."""
 
     vm: Uuid
     name: Name
@@ -1629,7 +1629,8 @@ class RestoreDetachReply(_Model):
     label: Name
     detached: bool = True
     unmounted: bool | None = Field(
-        default=None, description="Whether the agent unmounted it first (None: not asked)."
+        default=None,
+        description="Whether the agent unmounted it first (None: not asked or no answer).",
     )
 
 

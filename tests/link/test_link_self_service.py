@@ -33,8 +33,10 @@ async def test_ssr_requests_go_to_the_stamped_vms_adapter_only(stack: LinkStack)
         seen.append((msg.subject, dict(msg.headers or {}), json.loads(msg.data or b"{}")))
         await msg.respond(json.dumps({"snapshots": [], "answered_for": msg.subject}).encode())
 
-    subs = [await stack.nc.subscribe(f"gb.hv.{vm}.*", cb=adapter) for vm in (me, other)]
-    await stack.nc.flush()
+    nc = stack.nc
+    assert nc is not None
+    subs = [await nc.subscribe(f"gb.hv.{vm}.*", cb=adapter) for vm in (me, other)]
+    await nc.flush()
     guest = await HandGuest.open(me_vm)
     try:
         assert (await guest.hello({"vm": me})).ok
@@ -49,7 +51,7 @@ async def test_ssr_requests_go_to_the_stamped_vms_adapter_only(stack: LinkStack)
         # no adapter serves this VM (e.g. its host has no libvirt access): typed, at once
         for sub in subs:
             await sub.unsubscribe()
-        await stack.nc.flush()
+        await nc.flush()
         loop = asyncio.get_running_loop()
         started = loop.time()
         answer = await guest.request("ssr_list", {})

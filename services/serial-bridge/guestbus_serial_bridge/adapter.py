@@ -55,6 +55,8 @@ from guestbus.contract import (
     HEADER_LINK,
     HEADER_REQUEST_ID,
     HEADER_VM,
+    HOST_CAP_RESTORE,
+    HOST_CAP_SNAPSHOT,
     HV_OPS,
     HV_RESTORE_ATTACH,
     HV_RESTORE_DETACH,
@@ -103,7 +105,7 @@ log = logging.getLogger("guestbus.serial-bridge.adapter")
 T = TypeVar("T")
 State = Literal["off", "waiting", "ready"]
 
-CAPABILITIES = ["snapshot", "restore"]
+CAPABILITIES = [HOST_CAP_SNAPSHOT, HOST_CAP_RESTORE]
 """What VmRecord.host_capabilities says for a VM this adapter serves."""
 LIBVIRT_THREADS = 8
 CONCURRENCY_PER_VM = 4
