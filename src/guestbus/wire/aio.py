@@ -6,7 +6,6 @@ CPython 3.9+, because the agent carries it into guests.
 """
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any, Awaitable, Callable, Dict, Optional, Set
@@ -98,7 +97,11 @@ class Channel:
         self._waiters: Dict[str, asyncio.Future[Dict[str, Any]]] = {}
         self._tasks: Set[asyncio.Task[None]] = set()
         self._closed = False
-        self._wake = asyncio.Event()
+        self._running = False
+        # The session's deadlines are served by one timer, armed for the soonest of them; it
+        # is re-armed only when a request brings a sooner deadline, not on every request.
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at = 0.0
 
     # --- sending -------------------------------------------------------------------------
 
@@ -141,7 +144,7 @@ class Channel:
         self._waiters[rid] = fut
         try:
             self._write(data)
-            self._wake.set()  # a new deadline may be sooner than the ticker's
+            self._arm_timer()  # a new deadline may be sooner than the armed one
             return await fut
         finally:
             self._waiters.pop(rid, None)
@@ -153,7 +156,8 @@ class Channel:
 
     async def run(self) -> None:
         """Read until EOF or cancel; then fail every pending request with LinkClosed."""
-        ticker = asyncio.ensure_future(self._tick_loop())
+        self._running = True
+        self._arm_timer()
         try:
             while True:
                 data = await self.reader.read(self.read_chunk)
@@ -162,7 +166,8 @@ class Channel:
                 self._dispatch(self.session.receive_data(data))
                 self._flush_auto()
         finally:
-            ticker.cancel()
+            self._running = False
+            self._disarm_timer()
             self._closed = True
             self.session.connection_lost()
             for fut in list(self._waiters.values()):
@@ -171,14 +176,37 @@ class Channel:
             for task in list(self._tasks):
                 task.cancel()
 
-    async def _tick_loop(self) -> None:
-        while True:
-            deadline = self.session.next_deadline()
-            delay = 3600.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 3600.0))
-            self._dispatch(self.session.tick())
+    def _arm_timer(self) -> None:
+        """Make sure tick() runs at the session's next deadline, or within the hour when
+        nothing is in flight (while :meth:`run` runs).
+
+        A timer already armed for that time or an earlier one is left alone (when it fires
+        it ticks and arms the timer for whatever is next), so sending a request costs no
+        timer of its own unless its deadline is the soonest.
+        """
+        if not self._running:
+            return
+        deadline = self.session.next_deadline()
+        now = time.monotonic()
+        due = now + 3600.0 if deadline is None else min(deadline, now + 3600.0)
+        if self._timer is not None:
+            if self._timer_at <= due:
+                return
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, due - now), self._on_timer)
+
+    def _disarm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._running:
+            return
+        self._dispatch(self.session.tick())
+        self._arm_timer()
 
     def _dispatch(self, events: "list[Event]") -> None:
         for ev in events:
