@@ -7,8 +7,9 @@ CPython 3.9+, because the agent carries it into guests.
 
 import asyncio
 import logging
+import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional, Set
+from typing import Any, Awaitable, Callable, Dict, Optional, Set, TypeVar
 
 from . import errors
 from .session import (
@@ -34,6 +35,21 @@ EventHandler = Callable[[str, Dict[str, Any]], Awaitable[None]]
 DropHandler = Callable[[str], None]
 
 DEFAULT_WRITE_LIMIT = 1 << 20
+
+T = TypeVar("T")
+
+if sys.version_info >= (3, 11):
+
+    async def _within(work: Awaitable[T], timeout: float) -> T:
+        """``await work``, cancelled after ``timeout`` s with asyncio.TimeoutError; in the
+        caller's task (``asyncio.wait_for`` would start a task of its own, per call)."""
+        async with asyncio.timeout(timeout):
+            return await work
+
+else:
+
+    async def _within(work: Awaitable[T], timeout: float) -> T:
+        return await asyncio.wait_for(work, timeout)
 
 
 class RemoteError(Exception):
@@ -282,7 +298,7 @@ class Channel:
     ) -> None:
         remaining = deadline - time.monotonic()
         try:
-            result = await asyncio.wait_for(work, timeout=max(remaining, 0.001))
+            result = await _within(work, max(remaining, 0.001))
             data = self.session.send_response(rid, result)
         except RemoteError as exc:
             data = self.session.send_error(rid, exc.code, exc.message, exc.details)
