@@ -52,13 +52,17 @@ class FrameTooLarge(ValueError):
         self.max_frame = max_frame
 
 
+_ENCODER = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=True, sort_keys=False, allow_nan=False
+)
+"""What ``json.dumps`` with these options builds anew on every call: built once."""
+
+
 def encode_frame(message: Dict[str, Any], max_frame: int = MAX_FRAME) -> bytes:
     """One complete frame for ``message``; TypeError/ValueError if it is not plain JSON."""
     if not isinstance(message, dict):
         raise TypeError(f"a frame carries a JSON object, not {type(message).__name__}")
-    body = json.dumps(
-        message, separators=(",", ":"), ensure_ascii=True, sort_keys=False, allow_nan=False
-    ).encode("ascii")
+    body = _ENCODER.encode(message).encode("ascii")
     size = HEADER_LEN + len(body) + 1
     if size > max_frame:
         raise FrameTooLarge(size, max_frame)
@@ -75,6 +79,10 @@ class DecoderStats:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+"""What ``json.loads(..., parse_constant=...)`` builds anew on every call: built once."""
 
 
 class FrameDecoder:
@@ -172,7 +180,7 @@ class FrameDecoder:
         if crc != int(m.group(1), 16):
             return self._drop(BAD_CHECKSUM, f"crc32 {crc:08x}, header says {m.group(1).decode()}")
         try:
-            obj = json.loads(body.decode("ascii"), parse_constant=_reject_constant)
+            obj = _DECODER.decode(body.decode("ascii"))
         except (ValueError, RecursionError) as exc:
             return self._drop(BAD_JSON, f"{type(exc).__name__}: {exc}"[:200])
         if not isinstance(obj, dict):
