@@ -138,9 +138,33 @@ class LinkMetrics:
             ["state"],
             registry=registry,
         )
+        # Children by label values: ``labels()`` takes a lock and builds keys on every call,
+        # on the path of every guest RPC and host command. As many as the metrics have.
+        self._rpc: dict[tuple[str, str], Any] = {}
+        self._command: dict[tuple[str, str], Any] = {}
+        self._drops: dict[str, Any] = {}
 
     def drop(self, reason: str) -> None:
-        self.drops.labels(reason).inc()
+        child = self._drops.get(reason)
+        if child is None:
+            child = self._drops[reason] = self.drops.labels(reason)
+        child.inc()
+
+    def observe_rpc(self, method: str, outcome: str, seconds: float) -> None:
+        """``rpc_seconds{method, outcome}`` (``method`` as labelled by :func:`_label`)."""
+        key = (method, outcome)
+        child = self._rpc.get(key)
+        if child is None:
+            child = self._rpc[key] = self.rpc_seconds.labels(method, outcome)
+        child.observe(seconds)
+
+    def observe_command(self, method: str, outcome: str, seconds: float) -> None:
+        """``command_seconds{method, outcome}`` (``method`` as labelled by :func:`_label`)."""
+        key = (method, outcome)
+        child = self._command.get(key)
+        if child is None:
+            child = self._command[key] = self.command_seconds.labels(method, outcome)
+        child.observe(seconds)
 
 
 def _label(method: str) -> str:
@@ -337,9 +361,7 @@ class Terminator:
             outcome = "timeout"
             raise RemoteError(errors.TIMEOUT, f"{subject} did not answer in time") from None
         finally:
-            self.metrics.rpc_seconds.labels(_label(method), outcome).observe(
-                time.perf_counter() - started
-            )
+            self.metrics.observe_rpc(_label(method), outcome, time.perf_counter() - started)
         err = BusError.from_reply(reply.headers, reply.data)
         if err is not None:
             raise RemoteError(err.code, err.message, err.details)
@@ -429,9 +451,7 @@ class Terminator:
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, failure.to_bytes(), headers=failure.headers())
         finally:
-            self.metrics.command_seconds.labels(_label(method), outcome).observe(
-                time.perf_counter() - started
-            )
+            self.metrics.observe_command(_label(method), outcome, time.perf_counter() - started)
 
     async def command(
         self, method: str, params: dict[str, Any], timeout: float, request_id: str | None
