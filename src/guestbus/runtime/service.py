@@ -175,6 +175,32 @@ class _Metrics:
             ["service", "endpoint"],
             registry=registry,
         )
+        # Children by label values, looked up once: ``labels()`` takes a lock and builds
+        # keys on every call, and every request used three of them.
+        self._in_flight: dict[tuple[str, str], Any] = {}
+        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._duration: dict[tuple[str, str], Any] = {}
+
+    def started(self, service: str, endpoint: str) -> Any:
+        """``in_flight{service, endpoint}``, incremented; ``dec()`` it when done."""
+        key = (service, endpoint)
+        gauge = self._in_flight.get(key)
+        if gauge is None:
+            gauge = self._in_flight[key] = self.in_flight.labels(service, endpoint)
+        gauge.inc()
+        return gauge
+
+    def finished(self, service: str, endpoint: str, outcome: str, seconds: float) -> None:
+        """Count a handled request and observe its duration."""
+        key = (service, endpoint, outcome)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(service, endpoint, outcome)
+        counter.inc()
+        histogram = self._duration.get(key[:2])
+        if histogram is None:
+            histogram = self._duration[key[:2]] = self.duration.labels(service, endpoint)
+        histogram.observe(seconds)
 
 
 class ServiceContext:
@@ -335,8 +361,7 @@ class ServiceContext:
         self, name: str, handler: Handler, request: Request, endpoint: Endpoint | None
     ) -> None:
         started = time.perf_counter()
-        in_flight = self._metrics.in_flight.labels(self.service_name, name)
-        in_flight.inc()
+        in_flight = self._metrics.started(self.service_name, name)
         outcome = "ok"
         try:
             try:
@@ -367,10 +392,7 @@ class ServiceContext:
                 await self._respond(request, data, headers)
         finally:
             in_flight.dec()
-            self._metrics.requests.labels(self.service_name, name, outcome).inc()
-            self._metrics.duration.labels(self.service_name, name).observe(
-                time.perf_counter() - started
-            )
+            self._metrics.finished(self.service_name, name, outcome, time.perf_counter() - started)
 
     async def _respond_error(
         self, request: Request, err: BusError, endpoint: Endpoint | None
@@ -393,8 +415,7 @@ class ServiceContext:
 
     async def _invoke_plain(self, subject: str, cb: MsgHandler, msg: Msg) -> None:
         started = time.perf_counter()
-        in_flight = self._metrics.in_flight.labels(self.service_name, subject)
-        in_flight.inc()
+        in_flight = self._metrics.started(self.service_name, subject)
         outcome = "ok"
         try:
             await cb(msg)
@@ -406,9 +427,8 @@ class ServiceContext:
             )
         finally:
             in_flight.dec()
-            self._metrics.requests.labels(self.service_name, subject, outcome).inc()
-            self._metrics.duration.labels(self.service_name, subject).observe(
-                time.perf_counter() - started
+            self._metrics.finished(
+                self.service_name, subject, outcome, time.perf_counter() - started
             )
 
     def _intake(self) -> list[Subscription]:
