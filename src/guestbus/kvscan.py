@@ -6,22 +6,32 @@ already pushed every message (num_pending 0) but the callback has processed none
 queues the marker FIRST, and such a scan returns nothing (a CA that "has" 0 certificates).
 
 Here: an ephemeral **pull** consumer on ``KV_<bucket>`` (deliver last per subject, no acks).
-Nothing is delivered before the first fetch, so its num_pending right after creation is
-exact: 0 means an empty result; otherwise fetch until a message says num_pending 0. Values
-written meanwhile are delivered too (the newest wins); deleted and purged keys are absent.
+Nothing is delivered before the first fetch, so the num_pending of its creation is the number
+of keys (deleted ones included), and that many messages are fetched. That holds while the
+stream removes no message: a key rewritten more often than the bucket's history during the
+scan loses the value the consumer was about to deliver, and removals make the server's
+num_pending drift (seen with nats-server 2.15: 0 while messages were still to come). So when
+the stream lost messages during the scan, or fewer came than expected, the keys read are
+checked against the stream's subjects, and a key not read is read on its own (direct get).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import secrets
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamState
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 BATCH = 256
-FETCH_TIMEOUT = 5.0
+FETCH_TIMEOUT = 2.0
+"""A fetch that gets nothing for this long ends the reading (the key list check follows)."""
 INACTIVE_THRESHOLD = 30.0
 """The consumer is deleted after the scan; should that fail, the server drops it after this."""
 MARKER_REASON = "Nats-Marker-Reason"
@@ -39,9 +49,32 @@ async def kv_scan(kv: KeyValue, keys: str = ">", *, values: bool = True) -> dict
     ``values=False`` reads headers only (every value is ``b""``): for listing keys.
     A key whose newest value is empty but not a delete is included (with ``b""``).
     """
-    js = kv._js
-    stream = kv._stream
-    prefix = kv._pre
+    js, stream, prefix = kv._js, kv._stream, kv._pre
+    before = (await js.stream_info(stream)).state
+    out, seen, complete = await _read(js, stream, prefix, keys, values)
+    after = (await js.stream_info(stream)).state
+    if complete and _removed(before, after) == 0:
+        return out
+    subjects = await _subjects(js, stream, prefix + keys)
+    missing = [subject for subject in subjects if subject[len(prefix) :] not in seen]
+    for i in range(0, len(missing), BATCH):
+        chunk = missing[i : i + BATCH]
+        got = await asyncio.gather(*(_last(js, stream, s, kv._direct) for s in chunk))
+        for subject, item in zip(chunk, got):
+            if item is not None:
+                out[subject[len(prefix) :]] = item if values else KvItem(b"", item.revision)
+    return out
+
+
+async def kv_keys(kv: KeyValue, keys: str = ">") -> list[str]:
+    """The live keys matching ``keys``, sorted (unlike ``kv.keys()``: exact, [] when none)."""
+    return sorted(await kv_scan(kv, keys, values=False))
+
+
+async def _read(
+    js: JetStreamContext, stream: str, prefix: str, keys: str, values: bool
+) -> tuple[dict[str, KvItem], set[str], bool]:
+    """Live keys read, every key read (deletes too), and whether all expected ones came."""
     name = f"scan_{secrets.token_hex(8)}"
     config = ConsumerConfig(
         name=name,
@@ -52,41 +85,68 @@ async def kv_scan(kv: KeyValue, keys: str = ">", *, values: bool = True) -> dict
         inactive_threshold=INACTIVE_THRESHOLD,
         mem_storage=True,
     )
-    await js.add_consumer(stream, config)
+    expected = (await js.add_consumer(stream, config)).num_pending or 0
     out: dict[str, KvItem] = {}
+    seen: set[str] = set()
+    read = 0
     try:
         sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
         try:
-            pending = (await sub.consumer_info()).num_pending or 0
-            empty_fetches = 0
-            while pending > 0:
+            pending = expected
+            while read < expected and pending > 0:
                 try:
-                    msgs = await sub.fetch(min(pending, BATCH), timeout=FETCH_TIMEOUT)
+                    msgs = await sub.fetch(min(expected - read, BATCH), timeout=FETCH_TIMEOUT)
                 except TimeoutError:
-                    # what was pending can be gone (superseded, expired): ask again
-                    pending = (await sub.consumer_info()).num_pending or 0
-                    empty_fetches += 1
-                    if pending and empty_fetches >= 3:
-                        raise
-                    continue
-                empty_fetches = 0
+                    break
                 for msg in msgs:
                     meta = msg.metadata
                     key = msg.subject[len(prefix) :]
-                    headers = msg.headers or {}
-                    if headers.get(KV_OP) in (KV_DEL, KV_PURGE) or MARKER_REASON in headers:
+                    seen.add(key)
+                    if _deleted(msg.headers):
                         out.pop(key, None)
                     else:
                         out[key] = KvItem(msg.data, meta.sequence.stream)
                     pending = meta.num_pending
+                read += len(msgs)
         finally:
             await sub.unsubscribe()
     finally:
         with contextlib.suppress(Exception):  # gone already, or the connection is: it expires
             await js.delete_consumer(stream, name)
-    return out
+    return out, seen, read >= expected
 
 
-async def kv_keys(kv: KeyValue, keys: str = ">") -> list[str]:
-    """The live keys matching ``keys``, sorted (unlike ``kv.keys()``: exact, [] when none)."""
-    return sorted(await kv_scan(kv, keys, values=False))
+def _removed(before: StreamState, after: StreamState) -> int:
+    """Messages the stream lost between two looks (superseded beyond history, expired,
+    purged): the ones appended minus the growth."""
+    return (after.last_seq - before.last_seq) - (after.messages - before.messages)
+
+
+async def _subjects(js: JetStreamContext, stream: str, subjects: str) -> list[str]:
+    """Every subject of ``stream`` matching ``subjects`` that holds a message (paged)."""
+    found: list[str] = []
+    while True:
+        request = {"subjects_filter": subjects, "offset": len(found)}
+        resp = await js._api_request(
+            f"{js._prefix}.STREAM.INFO.{stream}", json.dumps(request).encode()
+        )
+        page = list((resp.get("state") or {}).get("subjects") or {})
+        found += page
+        if not page or len(found) >= int(resp.get("total") or 0):
+            return found
+
+
+async def _last(js: JetStreamContext, stream: str, subject: str, direct: bool) -> KvItem | None:
+    """The newest value of one key (None: deleted, or gone meanwhile)."""
+    try:
+        msg = await js.get_msg(stream, subject=subject, direct=direct)
+    except NotFoundError:
+        return None
+    return None if _deleted(msg.headers) else KvItem(msg.data or b"", msg.seq or 0)
+
+
+def _deleted(headers: Mapping[str, str] | None) -> bool:
+    """A delete or purge marker: written by a client, or placed by the server."""
+    if not headers:
+        return False
+    return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or MARKER_REASON in headers
