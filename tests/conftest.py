@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -119,3 +119,23 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
                 await client.drain()
             except Exception:
                 await client.close()
+
+
+FIGURES: dict[str, Any] = {}
+"""Figures a test measured in this run (the real-hypervisor tiers), printed at the end;
+docs/benchmarks.md records them."""
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, Any]:
+    """Measured figures by name; shown in the run's summary."""
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section("figures measured in this run (this machine)")
+    width = max(len(k) for k in FIGURES)
+    for key, value in FIGURES.items():
+        terminalreporter.write_line(f"{key:<{width}}  {value}")

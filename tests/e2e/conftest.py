@@ -5,7 +5,6 @@ needs neither libvirt nor the binding, so the ordinary suite is unaffected."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -28,22 +27,3 @@ def libvirt_conn() -> Iterator[object]:
 def guest_image() -> harness.GuestImage:
     """The cached guest image (the first run builds it: about 2 minutes)."""
     return harness.staged_image(harness.guest_image())
-
-
-FIGURES: dict[str, Any] = {}
-"""What the tier measured in this run, printed at the end (docs/benchmarks.md records them)."""
-
-
-@pytest.fixture(scope="session")
-def figures() -> dict[str, Any]:
-    """Measured figures by name; shown in the run's summary."""
-    return FIGURES
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not FIGURES:
-        return
-    terminalreporter.section("e2e figures (this machine, this run)")
-    width = max(len(k) for k in FIGURES)
-    for key, value in FIGURES.items():
-        terminalreporter.write_line(f"{key:<{width}}  {value}")

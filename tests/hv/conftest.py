@@ -15,9 +15,6 @@ from ._support import BIOS, HvStack, TinyVM, harness, remove_stale
 if TYPE_CHECKING:
     from tests.conftest import NatsServer
 
-FIGURES: dict[str, Any] = {}
-"""Measured in this run (snapshot, attach, detach times), printed at the end."""
-
 
 @pytest.fixture(scope="session")
 def hv_conn() -> Iterator[Any]:
@@ -70,17 +67,3 @@ async def stack(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[HvStac
         yield hv
     finally:
         await hv.close()
-
-
-@pytest.fixture(scope="session")
-def figures() -> dict[str, Any]:
-    return FIGURES
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not FIGURES:
-        return
-    terminalreporter.section("host adapter figures (this machine, this run)")
-    width = max(len(k) for k in FIGURES)
-    for key, value in FIGURES.items():
-        terminalreporter.write_line(f"{key:<{width}}  {value}")
