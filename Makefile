@@ -36,16 +36,19 @@ $(VENV39)/.installed:
 	else echo "note: no python3.9 found: guest-side tests run on $(PYTHON) only"; fi
 
 # The ISO tests read images back with independent readers (isoinfo from genisoimage, and
-# xorriso); as root on Debian/Ubuntu they are installed here, otherwise we say what to install.
-ISO_TOOLS := isoinfo xorriso
+# xorriso); the agent's quiesce and restore tests freeze and mount real loop-device file
+# systems (mkfs.ext4, losetup, blkid, parted, partx). As root on Debian/Ubuntu they are
+# installed here, otherwise we say what to install.
+TEST_TOOLS := isoinfo xorriso mkfs.ext4 losetup blkid parted partx
+TEST_APT := genisoimage xorriso e2fsprogs util-linux parted
 tools:
-	@missing=""; for t in $(ISO_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "installing genisoimage and xorriso (for:$$missing)"; \
-			apt-get install -y -q genisoimage xorriso >/dev/null 2>&1 || \
-			{ apt-get update -q >/dev/null && apt-get install -y -q genisoimage xorriso >/dev/null; }; \
-		else echo "the tests need$$missing: apt-get install genisoimage xorriso"; exit 1; fi; \
+			echo "installing $(TEST_APT) (for:$$missing)"; \
+			apt-get install -y -q $(TEST_APT) >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get install -y -q $(TEST_APT) >/dev/null; }; \
+		else echo "the tests need$$missing: apt-get install $(TEST_APT)"; exit 1; fi; \
 	fi
 
 demo up: $(VENV)/.installed
