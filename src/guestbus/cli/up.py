@@ -282,6 +282,8 @@ def service_entries(args: argparse.Namespace, state_dir: Path) -> list[ServiceEn
                 GUESTBUS_LIBVIRT_XML_DIRS=str(lab_dir / "xml"),
                 GUESTBUS_BRIDGE_HOST="lab",
                 GUESTBUS_SCAN_INTERVAL="1",
+                # lab VMs are not libvirt domains: nothing to snapshot, no host adapter
+                GUESTBUS_LIBVIRT_URI="",
             )
             entry = replace(entry, env=env)
         entries.append(entry)
