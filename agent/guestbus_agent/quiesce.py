@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -38,6 +37,7 @@ from guestbus.wire import errors
 from guestbus.wire.aio import RemoteError
 
 from .config import AgentConfig
+from .scripts import inspect, kill_group, script_env
 
 log = logging.getLogger("guestbus.agent.quiesce")
 
@@ -52,7 +52,6 @@ DEADLINE_DEFAULT = 60.0
 DEADLINE_MAX = 600.0
 SCRIPT_TIMEOUT_DEFAULT = 30.0
 OUTPUT_TAIL = 4096  # characters of a script's output kept (ScriptOutcome.output)
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # File systems FIFREEZE is meant for. Other block-device file systems (vfat, exfat, ntfs…)
 # have no freeze support in the kernel: they are listed in the notes, never silently skipped.
@@ -238,25 +237,8 @@ def outcome(
 
 def check_script(path: str) -> Optional[Dict[str, Any]]:
     """None when ``path`` may run (a regular file, root's, mode 0700); else its outcome."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return outcome(path, "missing", reason=f"{path} does not exist")
-    except OSError as exc:
-        return outcome(path, "refused", reason=f"{path}: {exc.strerror or exc}")
-    if stat.S_ISLNK(st.st_mode):
-        return outcome(path, "refused", reason=f"{path} is a symbolic link, must be a file")
-    if not stat.S_ISREG(st.st_mode):
-        return outcome(path, "refused", reason=f"{path} is not a regular file")
-    wrong: List[str] = []
-    if st.st_uid != 0:
-        wrong.append(f"owned by uid {st.st_uid}, must be root")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode != 0o700:
-        wrong.append(f"mode {mode:04o}, must be 0700")
-    if wrong:
-        return outcome(path, "refused", reason=f"{path}: " + "; ".join(wrong))
-    return None
+    problem = inspect(path, exact_mode=0o700)
+    return None if problem is None else outcome(path, problem[0], reason=problem[1])
 
 
 def run_script(path: str, timeout: float, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
@@ -268,8 +250,7 @@ def run_script(path: str, timeout: float, env: Optional[Dict[str, str]] = None) 
     refused = check_script(path)
     if refused is not None:
         return refused
-    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
-    full_env.update(env or {})
+    full_env = script_env(env)
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -310,10 +291,10 @@ def run_script(path: str, timeout: float, env: Optional[Dict[str, str]] = None) 
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        _kill_group(proc.pid)  # the whole group: children it started go with it
+        kill_group(proc.pid, signal.SIGKILL)  # the whole group: children it started go with it
     finally:
         if proc.returncode is None:
-            _kill_group(proc.pid)
+            kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
     reader.join(2.0 if timed_out else 0.5)
     seconds = round(time.monotonic() - started, 3)
@@ -328,11 +309,6 @@ def run_script(path: str, timeout: float, env: Optional[Dict[str, str]] = None) 
     if code < 0:
         return outcome(path, "failed", None, seconds, f"killed by signal {-code}", text)
     return outcome(path, "failed", code, seconds, f"exit status {code}", text)
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(OSError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 # --- the quiescer --------------------------------------------------------------------------

@@ -8,17 +8,16 @@ and only ``GUESTBUS_DR_*`` / ``GUESTBUS_VM`` variables from the change reach its
 
 import asyncio
 import contextlib
-import os
 import re
 import signal
-import stat
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from .scripts import inspect, kill_group, script_env
+
 TAIL_BYTES = 4096
 KILL_GRACE = 5.0
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME = re.compile(r"^GUESTBUS_(DR_[A-Z0-9_]{1,64}|VM)$")
 
 
@@ -32,24 +31,15 @@ def allowed_env(env: Dict[str, Any]) -> Dict[str, str]:
 
 def check_script(path: Path) -> Optional[Dict[str, Any]]:
     """None when ``path`` may run; else the result that says why not."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return {"outcome": "not_found", "path": str(path), "reason": f"{path} does not exist"}
-    except OSError as exc:
-        return {"outcome": "refused", "path": str(path), "reason": f"{path}: {exc.strerror}"}
-    if not stat.S_ISREG(st.st_mode):
-        return {"outcome": "refused", "path": str(path), "reason": f"{path} is not a regular file"}
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        return {
-            "outcome": "refused",
-            "path": str(path),
-            "reason": f"{path} must be owned by root and not writable by group or others "
-            f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})",
-        }
-    if not st.st_mode & stat.S_IXUSR:
-        return {"outcome": "refused", "path": str(path), "reason": f"{path} is not executable"}
-    return None
+    problem = inspect(str(path))
+    if problem is None:
+        return None
+    state, reason = problem
+    return {
+        "outcome": "not_found" if state == "missing" else "refused",
+        "path": str(path),
+        "reason": reason,
+    }
 
 
 async def run_script(path: Path, env: Dict[str, str], timeout: float) -> Dict[str, Any]:
@@ -57,8 +47,7 @@ async def run_script(path: Path, env: Dict[str, str], timeout: float) -> Dict[st
     refused = check_script(path)
     if refused is not None:
         return refused
-    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
-    full_env.update(env)
+    full_env = script_env(env)
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         str(path),
@@ -89,15 +78,15 @@ async def run_script(path: Path, env: Dict[str, str], timeout: float) -> Dict[st
         await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
     except asyncio.TimeoutError:
         timed_out = True
-        _kill_group(proc.pid, signal.SIGTERM)
+        kill_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(proc.wait()), KILL_GRACE)
         except asyncio.TimeoutError:
-            _kill_group(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid, signal.SIGKILL)
             await proc.wait()
     finally:
         if proc.returncode is None:  # cancelled: never leave the script behind
-            _kill_group(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid, signal.SIGKILL)
     # Children that kept the pipe open are in the group and were stopped with it.
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(reader, 2.0)
@@ -120,8 +109,3 @@ async def run_script(path: Path, env: Dict[str, str], timeout: float) -> Dict[st
         why = f"exit status {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
         result.update(outcome="failed", reason=f"{path.name} ended with {why}")
     return result
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(OSError):
-        os.killpg(pid, sig)
