@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from guestbus.cli.common import (
     add_nats_option,
@@ -27,6 +26,7 @@ from guestbus.contract import (
     HV_SNAPSHOT_CREATE,
     HV_SNAPSHOT_DELETE,
     HV_SNAPSHOT_LIST,
+    Name,
     RestoreAttachment,
     RestoreAttachRequest,
     RestoreDetachReply,
@@ -41,7 +41,7 @@ from guestbus.contract import (
 )
 
 M = TypeVar("M", bound=BaseModel)
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # contract.Name
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
 
 
 async def hv_call(
@@ -214,12 +214,13 @@ async def _attached(args: argparse.Namespace) -> int:
 
 
 def _name(text: str) -> str:
-    if not _NAME.match(text):
+    try:
+        return _NAME.validate_python(text)
+    except ValidationError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a valid name: 1-64 of A-Z a-z 0-9 _ - (it becomes a libvirt "
             "snapshot name and a bus key)"
-        )
-    return text
+        ) from None
 
 
 def _positive(text: str) -> float:
