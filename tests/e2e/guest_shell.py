@@ -8,7 +8,8 @@ inside the guest (write a file, install a hook script, read a mounted snapshot).
 The e2e image has a root login without password on the serial console and no network, so
 this is the only way in besides the agent. Each command is wrapped in markers the shell
 prints (``printf`` of split strings, so the echoed input never matches), and the kernel's own
-messages are kept off the console once logged in.
+messages are kept off the console once logged in (lines the guest still logs there are taken
+out of a command's output).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from .libvirt_harness import Guest
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+_CONSOLE_NOISE = re.compile(r"^\[\s*\d+\.\d+\] .*\n?", re.M)
+"""Kernel-style lines (``[  113.717771] unit[pid]: …``) the console shows whenever the guest
+logs there, interleaved with a command's output; never part of what our commands print."""
 
 
 class ShellError(RuntimeError):
@@ -131,7 +135,7 @@ class GuestShell:
         )
         self._write(wrapped)
         found = self._wait(re.compile(rf"{begin}\n(.*?){end} (\d+)\n", re.S), mark, timeout)
-        output, status = found.group(1), int(found.group(2))
+        output, status = _CONSOLE_NOISE.sub("", found.group(1)), int(found.group(2))
         if check and status != 0:
             raise ShellError(f"{self.guest.name}: `{command}` exited {status}:\n{output}")
         return output

@@ -239,7 +239,18 @@ def test_hanging_pre_freeze_is_killed_and_the_snapshot_says_crash(site: Site) ->
     assert status.frozen is False
 
 
+@pytest.fixture
+def bridge_back(site: Site) -> Iterator[None]:
+    """Whatever the test does to the serial-bridge, it runs again afterwards (the later
+    tests need it)."""
+    yield
+    if not site.cluster.bridge.alive:
+        site.cluster.bridge.start()
+        site.cluster.bridge.wait_ready()
+
+
 @pytest.mark.timeout(300)
+@pytest.mark.usefixtures("bridge_back")
 def test_no_thaw_after_freeze_the_guest_thaws_itself(site: Site) -> None:
     deadline = 8.0
     with site.shell() as sh:
