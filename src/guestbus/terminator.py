@@ -58,6 +58,7 @@ from guestbus.contract import (
 )
 from guestbus.ratelimit import TokenBucket
 from guestbus.runtime import BusError
+from guestbus.runtime.metrics import Children
 from guestbus.runtime.nats import flush_interest
 from guestbus.wire import MAX_FRAME, Session, SessionState, errors, valid_id
 from guestbus.wire.aio import Channel, LinkClosed, RemoteError
@@ -138,33 +139,20 @@ class LinkMetrics:
             ["state"],
             registry=registry,
         )
-        # Children by label values: ``labels()`` takes a lock and builds keys on every call,
-        # on the path of every guest RPC and host command. As many as the metrics have.
-        self._rpc: dict[tuple[str, str], Any] = {}
-        self._command: dict[tuple[str, str], Any] = {}
-        self._drops: dict[str, Any] = {}
+        self._rpc = Children(self.rpc_seconds)
+        self._command = Children(self.command_seconds)
+        self._drops = Children(self.drops)
 
     def drop(self, reason: str) -> None:
-        child = self._drops.get(reason)
-        if child is None:
-            child = self._drops[reason] = self.drops.labels(reason)
-        child.inc()
+        self._drops(reason).inc()
 
     def observe_rpc(self, method: str, outcome: str, seconds: float) -> None:
         """``rpc_seconds{method, outcome}`` (``method`` as labelled by :func:`_label`)."""
-        key = (method, outcome)
-        child = self._rpc.get(key)
-        if child is None:
-            child = self._rpc[key] = self.rpc_seconds.labels(method, outcome)
-        child.observe(seconds)
+        self._rpc(method, outcome).observe(seconds)
 
     def observe_command(self, method: str, outcome: str, seconds: float) -> None:
         """``command_seconds{method, outcome}`` (``method`` as labelled by :func:`_label`)."""
-        key = (method, outcome)
-        child = self._command.get(key)
-        if child is None:
-            child = self._command[key] = self.command_seconds.labels(method, outcome)
-        child.observe(seconds)
+        self._command(method, outcome).observe(seconds)
 
 
 def _label(method: str) -> str:
@@ -192,7 +180,8 @@ class Terminator:
         self.vm = vm
         self.kind = kind
         self.host = host
-        self.name = name
+        self._name = name
+        self._headers = self._stamp()
         self.metrics = metrics
         self.limits = limits or LinkLimits()
         self.on_change = on_change
@@ -319,11 +308,24 @@ class Terminator:
 
     # --- guest → host ----------------------------------------------------------------------------
 
-    def headers(self) -> dict[str, str]:
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @name.setter
+    def name(self, name: str | None) -> None:
+        self._name = name
+        self._headers = self._stamp()
+
+    def _stamp(self) -> dict[str, str]:
         headers = {HEADER_VM: self.vm, HEADER_LINK: self.kind.value, HEADER_HOST: self.host}
-        if self.name:
-            headers[HEADER_VM_NAME] = self.name
+        if self._name:
+            headers[HEADER_VM_NAME] = self._name
         return headers
+
+    def headers(self) -> dict[str, str]:
+        """The stamp on everything this link publishes (built once; nats-py only reads it)."""
+        return self._headers
 
     def _admit(self) -> None:
         if not self.bucket.allow():

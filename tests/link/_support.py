@@ -264,6 +264,8 @@ class BridgeConfig:
     scan_interval: float = 0.5
     rate_limit: float = 50.0
     rate_burst: int = 200
+    xml_dirs: tuple[Path, ...] = ()
+    """libvirt domain XML directories (names of VMs); none by default."""
 
     def env(self, nats_url: str, http_port: int) -> dict[str, str]:
         return {
@@ -271,7 +273,7 @@ class BridgeConfig:
             "GUESTBUS_HTTP_HOST": "127.0.0.1",
             "GUESTBUS_HTTP_PORT": str(http_port),
             "GUESTBUS_SOCKET_PATTERN": str(self.sockets / SOCKET_NAME),
-            "GUESTBUS_LIBVIRT_XML_DIRS": "",
+            "GUESTBUS_LIBVIRT_XML_DIRS": ",".join(str(d) for d in self.xml_dirs),
             "GUESTBUS_SCAN_INTERVAL": str(self.scan_interval),
             "GUESTBUS_BRIDGE_HOST": self.host,
             "GUESTBUS_RATE_LIMIT": str(self.rate_limit),
@@ -285,7 +287,7 @@ class BridgeConfig:
             http_host="127.0.0.1",
             http_port=http_port,
             socket_pattern=str(self.sockets / SOCKET_NAME),
-            libvirt_xml_dirs=[],
+            libvirt_xml_dirs=[str(d) for d in self.xml_dirs],
             scan_interval=self.scan_interval,
             bridge_host=self.host,
             rate_limit=self.rate_limit,

@@ -7,11 +7,13 @@ import json
 import logging
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 
 from guestbus.contract import HEADER_ERROR_CODE
 from guestbus.runtime import BusError, ServiceSettings, check_reply, load_settings
 from guestbus.runtime.errors import MICRO_ERROR_CODE_HEADER, MICRO_ERROR_HEADER
 from guestbus.runtime.logs import setup_logging
+from guestbus.runtime.metrics import Children
 
 
 def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,3 +82,17 @@ def test_bus_error_round_trip() -> None:
     assert (back.code, back.status, back.details) == ("no_active_link", 409, {"vm": "x"})
     assert check_reply({}, b"ok") == b"ok"
     assert BusError.from_reply(None, b"") is None
+
+
+def test_metric_children_are_looked_up_once_per_label_set() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("gb_test_total", "test", ["method", "outcome"], registry=registry)
+    of = Children(counter)
+    assert of("ping", "ok") is of("ping", "ok")
+    assert of("ping", "ok") is not of("ping", "timeout")
+    of("ping", "ok").inc()
+    of("ping", "ok").inc()
+    of("ping", "timeout").inc()
+    value = registry.get_sample_value
+    assert value("gb_test_total", {"method": "ping", "outcome": "ok"}) == 2
+    assert value("gb_test_total", {"method": "ping", "outcome": "timeout"}) == 1

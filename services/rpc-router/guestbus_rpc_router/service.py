@@ -12,6 +12,7 @@ import functools
 import re
 import socket
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from nats.errors import NoRespondersError
@@ -63,6 +64,7 @@ from guestbus.runtime import (
     ServiceSettings,
     parse_request,
 )
+from guestbus.runtime.metrics import Children
 from guestbus.runtime.settings import CommaList
 from guestbus.wire import PROTOCOL_VERSION, errors
 
@@ -122,8 +124,10 @@ class RouterSettings(ServiceSettings):
         return self
 
 
-class Stamp(BaseModel):
-    """Who a guest RPC is from, as the link terminator says."""
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """Who a guest RPC is from, as the link terminator says (read from headers on every
+    guest RPC: a plain record, not a model)."""
 
     vm: str
     link: LinkKind
@@ -168,11 +172,13 @@ class RpcRouter(BusService):
             ["method"],
             registry=ctx.registry,
         )
-        self.guest_rpcs = Counter(
-            "guestbus_guest_rpcs_total",
-            "Guest-initiated RPCs handled, by method and link kind.",
-            ["method", "link"],
-            registry=ctx.registry,
+        self.guest_rpcs = Children(
+            Counter(
+                "guestbus_guest_rpcs_total",
+                "Guest-initiated RPCs handled, by method and link kind.",
+                ["method", "link"],
+                registry=ctx.registry,
+            )
         )
         self.marked_down = Counter(
             "guestbus_vms_marked_down_total",
@@ -188,8 +194,11 @@ class RpcRouter(BusService):
         endpoints: list[tuple[str, Handler, str, int]] = [
             (RPC_HELLO, self.hello,
              "First RPC on every link: registers the VM, returns the stamped identity.", 64),
+            # 1: answered in the subscription's own task, in arrival order. A heartbeat
+            # awaits nothing but its reply (the registry write runs behind it), so a task
+            # per beat would cost more than the beat.
             (RPC_HEARTBEAT, self.heartbeat,
-             "Periodic liveness; refreshes the VM's last heartbeat.", 64),
+             "Periodic liveness; refreshes the VM's last heartbeat.", 1),
             (RPC_REPORT, self.report, "Guest info report (hostname, OS, kernel, interfaces).", 64),
             (RPC_ENROLL, self.enroll,
              "A guest's first certificate, or a clone's new identity (serial only).", 16),
@@ -275,7 +284,7 @@ class RpcRouter(BusService):
             )
 
         await self.registry.change(stamp.vm, update)
-        self.guest_rpcs.labels(RPC_HELLO, stamp.link.value).inc()
+        self.guest_rpcs(RPC_HELLO, stamp.link.value).inc()
         matches = hello.vm is None or hello.vm == stamp.vm
         if not matches:
             self.ctx.log.info(
@@ -309,7 +318,7 @@ class RpcRouter(BusService):
             task = asyncio.ensure_future(self._record_beats(stamp.vm))
             self._beat_tasks.add(task)
             task.add_done_callback(self._beat_tasks.discard)
-        self.guest_rpcs.labels(RPC_HEARTBEAT, stamp.link.value).inc()
+        self.guest_rpcs(RPC_HEARTBEAT, stamp.link.value).inc()
         return HeartbeatAck(seq=beat.seq, server_time=now).model_dump_json().encode()
 
     async def _record_beats(self, vm: str) -> None:
@@ -365,7 +374,7 @@ class RpcRouter(BusService):
             ) from None
         except NatsTimeout:
             raise BusError(errors.TIMEOUT, f"{subject} did not answer in time", 504) from None
-        self.guest_rpcs.labels(method, stamp.link.value).inc()
+        self.guest_rpcs(method, stamp.link.value).inc()
         err = BusError.from_reply(reply.headers, reply.data)
         if err is not None:
             raise err
@@ -387,7 +396,7 @@ class RpcRouter(BusService):
             )
 
         await self.registry.change(stamp.vm, update)
-        self.guest_rpcs.labels(RPC_REPORT, stamp.link.value).inc()
+        self.guest_rpcs(RPC_REPORT, stamp.link.value).inc()
         return ReportAck(accepted=True).model_dump_json().encode()
 
     # --- link state ------------------------------------------------------------------------

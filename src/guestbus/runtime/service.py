@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 from guestbus.runtime.errors import INTERNAL, BusError
 from guestbus.runtime.http import ProbeServer
 from guestbus.runtime.logs import setup_logging
+from guestbus.runtime.metrics import Children
 from guestbus.runtime.nats import connect, flush_interest
 from guestbus.runtime.settings import ServiceSettings, load_settings
 
@@ -175,32 +176,20 @@ class _Metrics:
             ["service", "endpoint"],
             registry=registry,
         )
-        # Children by label values, looked up once: ``labels()`` takes a lock and builds
-        # keys on every call, and every request used three of them.
-        self._in_flight: dict[tuple[str, str], Any] = {}
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._duration: dict[tuple[str, str], Any] = {}
+        self._in_flight_of = Children(self.in_flight)
+        self._requests_of = Children(self.requests)
+        self._duration_of = Children(self.duration)
 
     def started(self, service: str, endpoint: str) -> Any:
         """``in_flight{service, endpoint}``, incremented; ``dec()`` it when done."""
-        key = (service, endpoint)
-        gauge = self._in_flight.get(key)
-        if gauge is None:
-            gauge = self._in_flight[key] = self.in_flight.labels(service, endpoint)
+        gauge = self._in_flight_of(service, endpoint)
         gauge.inc()
         return gauge
 
     def finished(self, service: str, endpoint: str, outcome: str, seconds: float) -> None:
         """Count a handled request and observe its duration."""
-        key = (service, endpoint, outcome)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.requests.labels(service, endpoint, outcome)
-        counter.inc()
-        histogram = self._duration.get(key[:2])
-        if histogram is None:
-            histogram = self._duration[key[:2]] = self.duration.labels(service, endpoint)
-        histogram.observe(seconds)
+        self._requests_of(service, endpoint, outcome).inc()
+        self._duration_of(service, endpoint).observe(seconds)
 
 
 class ServiceContext:

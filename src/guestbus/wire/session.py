@@ -405,9 +405,11 @@ class Session:
         return seen
 
     def _remember(self, request_id: str, now: float) -> None:
+        """After :meth:`_recall` pruned (as ``_on_request`` does): only the size can be over."""
         if self._dedup_size:
             self._seen[request_id] = _Seen(now)
-            self._prune(now)
+            if len(self._seen) > self._dedup_size:
+                self._seen.popitem(last=False)
 
     # --- sending -------------------------------------------------------------------------
 
