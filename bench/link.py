@@ -79,7 +79,7 @@ from bench._common import (
 )
 from guestbus.contract import KV_VMS, VmRecord, guest_subject
 from guestbus.lab.fleet import LabFleet
-from guestbus.lab.hypervisor import LabVM
+from guestbus.lab.hypervisor import LabHypervisor, LabVM
 from guestbus.provision import provision
 from guestbus.registry import Registry
 from guestbus.runtime import BusError
@@ -377,6 +377,71 @@ class RemoteEchoPeer(EchoPeer):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the remote echo responder did not come up") from None
                 await asyncio.sleep(0.05)
+
+
+FLOOR_FORWARDER = """
+import asyncio, sys
+import nats, uvloop
+
+async def main() -> None:
+    nc = await nats.connect(sys.argv[1], name="bench-floor-forwarder")
+    reader, writer = await asyncio.open_unix_connection(sys.argv[2])
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        reply = await nc.request(sys.argv[3], line[:-1], timeout=5)
+        writer.write(reply.data + b"\\n")
+
+uvloop.run(main())
+"""
+"""The serial-bridge's job with none of its code: a line from the VM's socket becomes a
+NATS request; the reply goes back down the socket."""
+
+
+class FloorPeer:
+    """Our guest RPC's topology with no guestbus code: a line written into a lab VM's guest
+    end → the lab relay → a bare forwarder process (asyncio streams + nats-py, one request at
+    a time) → NATS → :class:`RemoteEchoPeer`'s responder process → back. The same process
+    crossings as agent → serial-bridge → rpc-router → back, so it is what this machine
+    charges for the path itself: our framing, sessions, stamping, registry and metrics are
+    the difference between it and the guest RPC."""
+
+    def __init__(self, url: str, children: Children, sockdir: Path, subject: str) -> None:
+        self.url = url
+        self.children = children
+        self.hypervisor = LabHypervisor(sockdir, mode="socketpair")
+        self.subject = subject
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.line = EchoPeer(url).data + b"\n"
+
+    async def start(self) -> None:
+        vm = await self.hypervisor.add_vm()
+        self.reader, self.writer = await vm.open_guest()
+        self.children.start(
+            "floor-forwarder",
+            [sys.executable, "-c", FLOOR_FORWARDER, self.url, str(vm.socket_path), self.subject],
+        )
+        await wait_until(lambda: vm.has_client, 20, "the floor forwarder to connect")
+        deadline = time.monotonic() + 20
+        while not await self.call():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the floor forwarder does not answer")
+
+    async def call(self) -> bool:
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(self.line)
+        try:
+            reply = await asyncio.wait_for(self.reader.readline(), 5)
+        except asyncio.TimeoutError:
+            return False
+        return reply == self.line
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        await self.hypervisor.close()
 
 
 async def bare_nats(url: str, nats_pid: int, opts: Options) -> dict[str, Any]:
@@ -705,6 +770,8 @@ async def link_bench(
         await peer.start()
         remote = RemoteEchoPeer(url, children)
         await remote.start()
+        floor = FloorPeer(url, children, tmp / "floor-socks", RemoteEchoPeer.SUBJECT)
+        await floor.start()
         try:
             # one at a time: the nats-py peers, guest RPC and host ping in alternating rounds
             seq, seq_extra = await measured(
@@ -712,6 +779,7 @@ async def link_bench(
                     {
                         "nats": peer.call,
                         "nats_remote": remote.call,
+                        "floor": floor.call,
                         "guest_rpc": rpc_call(vms[0]),
                         "host_ping": ping_call(vms[0]),
                     },
@@ -726,7 +794,9 @@ async def link_bench(
         finally:
             await peer.close()
             await remote.close()
+            await floor.close()
         out["nats_uvloop_remote"] = {"sequential": seq["nats_remote"]}
+        out["floor"] = {"sequential": seq["floor"]}
         out["nats_uvloop"] = {
             "sequential": seq["nats"],
             "inflight": {**inflight, **inflight_extra},
@@ -1044,6 +1114,7 @@ def compute_ratios(r: dict[str, Any]) -> dict[str, Any]:
             "p50_vs_nats_remote": ratio(
                 g(seq, "p50_us"), g(r, "peers", "nats", "uvloop_remote", "sequential", "p50_us")
             ),
+            "p50_vs_floor": ratio(g(seq, "p50_us"), g(r, "peers", "floor", "sequential", "p50_us")),
             "p99_vs_nats": ratio(g(seq, "p99_us"), g(nats_uv, "sequential", "p99_us")),
             "rate_vs_nats": ratio(g(seq, "rate"), g(nats_uv, "sequential", "rate")),
             "concurrent_rate_vs_nats_inflight": ratio(
@@ -1055,6 +1126,11 @@ def compute_ratios(r: dict[str, Any]) -> dict[str, Any]:
                 g(conc, "rate"), g(qga, "pipelined", "rate")
             ),
         }
+    out["floor"] = {
+        "p50_vs_nats": ratio(
+            g(r, "peers", "floor", "sequential", "p50_us"), g(nats_uv, "sequential", "p50_us")
+        )
+    }
     return out
 
 
@@ -1131,6 +1207,13 @@ def report_rows(r: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
         rows.append(
             perf_row("nats-py request/reply, responder in another process (uvloop)", remote)
         )
+    floor = g(r, "peers", "floor", "sequential")
+    if floor is not None:
+        rows.append(
+            perf_row(
+                "guest RPC's path with no guestbus code (relay → forwarder → responder)", floor
+            )
+        )
     for loop in ("uvloop", "asyncio"):
         peer = g(r, "peers", "nats", loop)
         if peer is None:
@@ -1199,6 +1282,15 @@ def ratio_rows(r: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
                 "",
             ]
         )
+        if ours == "guest_rpc":
+            rows.append(
+                [
+                    f"{label} p50 / the same path with no guestbus code",
+                    x(q.get("p50_vs_floor")),
+                    "",
+                    "",
+                ]
+            )
         rows.append([f"{label} p99 / nats-py p99", x(q.get("p99_vs_nats")), "", ""])
         rows.append(
             [f"{label} rate / nats-py rate, one at a time", x(q.get("rate_vs_nats")), "", ""]
@@ -1223,6 +1315,14 @@ def ratio_rows(r: dict[str, Any]) -> tuple[list[str], list[list[object]]]:
                 "",
             ]
         )
+    rows.append(
+        [
+            "the same path with no guestbus code p50 / nats-py p50 (uvloop)",
+            x(g(ra, "floor", "p50_vs_nats")),
+            "",
+            "",
+        ]
+    )
     return ["ratio", "value", "target", "verdict"], rows
 
 
@@ -1375,6 +1475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result["peers"]["kv_change"] = ours.pop("kv_change")
                     result["peers"]["nats"]["uvloop"] = ours.pop("nats_uvloop")
                     result["peers"]["nats"]["uvloop_remote"] = ours.pop("nats_uvloop_remote")
+                    result["peers"]["floor"] = ours.pop("floor")
                     result.update(ours)
                     broker.stop_sync()
                 if opts.soak:
