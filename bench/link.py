@@ -7,8 +7,9 @@ Measures in one run (see docs/benchmarks.md for how to read the output):
 2. host-initiated ping (NATS request → bridge → serial → agent → back), likewise;
 3. the peers, measured again in the same run: qemu-guest-agent ``guest-ping`` on a unix
    socket (one at a time and pipelined), bare nats-py request/reply (one at a time and 256 in
-   flight, on uvloop and asyncio) and the JetStream KV read-modify-write the router does per
-   heartbeat;
+   flight, on uvloop and asyncio; with the responder in another process), the guest RPC's
+   path with no guestbus code (lab relay → a bare forwarder process → that responder) and
+   the JetStream KV read-modify-write the router does per heartbeat;
 4. ratios against the peers and PASS/FAIL against the targets;
 5. a soak: many lab VMs (one separate fleet process) heartbeating through a separate
    serial-bridge process and a separate rpc-router process; every heartbeat the router
