@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,45 +40,14 @@ from guestbus_rpc_router.service import RouterSettings, RpcRouter
 from guestbus_serial_bridge.service import SerialBridge
 from guestbus_serial_bridge.settings import BridgeSettings
 
+from ..support.probes import free_port, http_get
+from ..support.waiting import wait_until
+
 TRUST_DOMAIN = "deploy-tests.example"
 BRIDGE_HOST = "deploy-host-1"
 PASSPHRASE = "deploy tests passphrase"
 DR_SUBNET = "10.0.0.0/16"
 VIOLATION = "Violation"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    head, _, body = raw.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 class SecureStack:
@@ -294,7 +262,8 @@ class SecureStack:
         return service
 
     async def scrape(self, name: str) -> str:
-        status, body = await http_get(self.http[name], "/metrics")
+        status, raw = await http_get(self.http[name], "/metrics")
+        body = raw.decode()
         assert status == 200, f"{name} /metrics answered {status}"
         return body
 

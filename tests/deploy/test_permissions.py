@@ -38,7 +38,8 @@ from guestbus.credentials import EmbeddedAuth
 from guestbus.registry import Registry
 from guestbus.runtime import check_reply
 
-from ._stack import DR_SUBNET, SecureStack, wait_until
+from ..support.waiting import wait_until
+from ._stack import DR_SUBNET, SecureStack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -32,10 +32,9 @@ from guestbus.runtime import BusError, ServiceHost, check_reply
 from guestbus_dr_orchestrator.service import DrOrchestrator
 from guestbus_dr_orchestrator.settings import DrSettings
 
-if TYPE_CHECKING:  # pytest imports tests/<dir> as top-level packages; mypy sees tests.*
-    from tests.link._support import LinkStack, free_port, http_status, wait_until
-else:
-    from link._support import LinkStack, free_port, http_status, wait_until
+from ..link._support import LinkStack
+from ..support.probes import free_port, http_status
+from ..support.waiting import wait_until
 
 UNIT = "guestbus-dr-tests"
 

@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,12 +25,9 @@ from guestbus.dr.signing import Signer, load_private
 from guestbus.lab.fleet import LabAgent
 from guestbus_dr_orchestrator.service import DrOrchestrator
 
+from ..link._support import command
+from ..support.waiting import wait_until
 from ._support import DrStack, by_vm
-
-if TYPE_CHECKING:  # pytest imports tests/<dir> as top-level packages; mypy sees tests.*
-    from tests.link._support import command, wait_until
-else:
-    from link._support import command, wait_until
 
 
 @pytest.fixture(scope="module")

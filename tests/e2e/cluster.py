@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,17 +45,13 @@ from guestbus.provision import provision
 from guestbus.registry import Registry
 from guestbus.runtime.procs import child_preexec
 
+from ..support.probes import free_port
+
 T = TypeVar("T")
 
 LIBVIRT_XML_DIRS = ("/run/libvirt/qemu", "/etc/libvirt/qemu")
 """libvirt's live XML of running domains, and the persistent definitions."""
 BRIDGE_HOST = "e2e-hypervisor"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path, lines: int) -> str:

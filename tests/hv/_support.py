@@ -14,16 +14,13 @@ Everything is named ``gbe2e-hv-*`` (``libvirt_harness.cleanup_stale()`` knows th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import importlib
 import json
 import secrets
 import shutil
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,9 +50,8 @@ from guestbus.runtime import BusError, ServiceHost
 from guestbus_serial_bridge.service import SerialBridge
 from guestbus_serial_bridge.settings import BridgeSettings
 
-# tests/e2e's harness (daemons, the guest image, the VM directory); imported by name because
-# the repository's e2e/ directory shadows the package for static analysis.
-harness: Any = importlib.import_module("e2e.libvirt_harness")
+from ..e2e import libvirt_harness as harness
+from ..support.waiting import wait_until
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -65,22 +61,6 @@ KERNEL = "kernel"
 CAPABILITIES = ["snapshot", "restore"]
 SHELL_READY = "Run /bin/sh as init process"
 """What the kernel prints when it hands over to the initramfs shell (ACPI hot-plug is up)."""
-
-
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
-) -> float:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return loop.time() - start
-        if loop.time() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # --- domains ----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ._support import BIOS, HvStack, TinyVM, harness, remove_stale
+from ..e2e import libvirt_harness as harness
+from ._support import BIOS, HvStack, TinyVM, remove_stale
 
 if TYPE_CHECKING:
     from tests.conftest import NatsServer

@@ -32,7 +32,8 @@ from guestbus.contract import (
     SnapshotRecord,
 )
 
-from ._support import BIOS, KERNEL, HvStack, TinyVM, wait_until
+from ..support.waiting import wait_until
+from ._support import BIOS, KERNEL, HvStack, TinyVM
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

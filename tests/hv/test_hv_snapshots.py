@@ -34,7 +34,8 @@ from guestbus.contract import (
     guest_subject,
 )
 
-from ._support import CAPABILITIES, HvStack, TinyVM, qemu_img, qemu_io, wait_until
+from ..support.waiting import wait_until
+from ._support import CAPABILITIES, HvStack, TinyVM, qemu_img, qemu_io
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

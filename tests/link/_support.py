@@ -12,12 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid as uuidlib
@@ -30,7 +25,6 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from prometheus_client.parser import text_string_to_metric_families
 
 from guestbus.broker import EmbeddedBroker
 from guestbus.contract import (
@@ -52,41 +46,14 @@ from guestbus_rpc_router.service import RouterSettings, RpcRouter
 from guestbus_serial_bridge.service import SerialBridge
 from guestbus_serial_bridge.settings import BridgeSettings
 
+from ..support.bridge import BridgeProcess
+from ..support.probes import Samples, free_port, scrape
+from ..support.waiting import wait_until
+
 BRIDGE_HOST = "lab-host-1"
 StackFactory = Callable[..., Awaitable["LinkStack"]]
 """The ``make_stack`` fixture: ``await make_stack(**LinkStack options)``."""
 SOCKET_NAME = "{uuid}.serial.1"
-
-
-# --- waiting --------------------------------------------------------------------------------
-
-
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]],
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-    detail: Callable[[], str] | None = None,
-) -> float:
-    """Poll ``check`` until it holds; returns the seconds it took, fails naming ``what``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return loop.time() - start
-        if loop.time() - start > timeout:
-            extra = f"\n{detail()}" if detail is not None else ""
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
-        await asyncio.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- host → guest commands ------------------------------------------------------------------
@@ -164,45 +131,6 @@ class CommandCounter:
         commands._table[method] = counted
 
 
-# --- metrics --------------------------------------------------------------------------------
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(port: int) -> Samples:
-    """GET /metrics from a service's probe server, parsed into samples."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5.0)
-    try:
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 5.0)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head[:200]
-    samples: Samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def http_status(port: int, path: str) -> int:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5.0)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 5.0)
-    finally:
-        writer.close()
-    return int(data.split(b" ", 2)[1])
-
-
 # --- events ---------------------------------------------------------------------------------
 
 
@@ -267,11 +195,9 @@ class BridgeConfig:
     xml_dirs: tuple[Path, ...] = ()
     """libvirt domain XML directories (names of VMs); none by default."""
 
-    def env(self, nats_url: str, http_port: int) -> dict[str, str]:
+    def env(self, nats_url: str) -> dict[str, str]:
         return {
             "GUESTBUS_NATS_URL": nats_url,
-            "GUESTBUS_HTTP_HOST": "127.0.0.1",
-            "GUESTBUS_HTTP_PORT": str(http_port),
             "GUESTBUS_SOCKET_PATTERN": str(self.sockets / SOCKET_NAME),
             "GUESTBUS_LIBVIRT_XML_DIRS": ",".join(str(d) for d in self.xml_dirs),
             "GUESTBUS_SCAN_INTERVAL": str(self.scan_interval),
@@ -294,79 +220,6 @@ class BridgeConfig:
             rate_burst=self.rate_burst,
             shutdown_timeout=5.0,
         )
-
-
-class BridgeProcess:
-    """``python -m guestbus_serial_bridge.main`` configured by environment variables."""
-
-    def __init__(self, config: BridgeConfig, nats_url: str, workdir: Path) -> None:
-        self.config = config
-        self.nats_url = nats_url
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.http_port = 0
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"serial-bridge-{self.starts}.log"
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "bridge already running"
-        self.starts += 1
-        self.http_port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTBUS_")}
-        env.update(self.config.env(self.nats_url, self.http_port))
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestbus_serial_bridge.main"],
-                env=env,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        async def ready() -> bool:
-            assert self.alive, f"serial-bridge exited:\n{self.log_tail()}"
-            try:
-                return await http_status(self.http_port, "/readyz") == 200
-            except (OSError, asyncio.TimeoutError, IndexError, ValueError):
-                return False
-
-        await wait_until(ready, timeout, "serial-bridge /readyz", 0.1, self.log_tail)
-
-    def kill9(self) -> None:
-        """SIGKILL: no teardown, no link-down events, no goodbye to anyone."""
-        assert self.proc is not None and self.alive
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    async def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        proc = self.proc
-        with contextlib.suppress(AssertionError):
-            await wait_until(lambda: proc.poll() is not None, 15, "serial-bridge to exit")
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    async def metrics(self) -> Samples:
-        return await scrape(self.http_port)
 
 
 class BridgeInProcess:
@@ -441,7 +294,7 @@ class LinkStack:
         )
         await self.router_host.start()
         if self.bridge_mode == "process":
-            self.bridge_process = BridgeProcess(self.config, self.broker.url, self.workdir)
+            self.bridge_process = BridgeProcess(self.config.env(self.broker.url), self.workdir)
             self.bridge_process.start()
             await self.bridge_process.wait_ready()
         else:

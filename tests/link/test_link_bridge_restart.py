@@ -12,17 +12,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from guestbus.contract import KV_VMS, LinkKind, LinkState
 
-from ._support import (
-    BRIDGE_HOST,
-    BridgeProcess,
-    CommandCounter,
-    LinkStack,
-    Reply,
-    StackFactory,
-    command,
-    sample,
-    wait_until,
-)
+from ..support.bridge import BridgeProcess
+from ..support.probes import sample
+from ..support.waiting import wait_until
+from ._support import BRIDGE_HOST, CommandCounter, LinkStack, Reply, StackFactory, command
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -13,15 +13,9 @@ from nats.errors import NoRespondersError
 from guestbus.contract import GuestInfo, LinkKind, LinkState, PingResult
 from guestbus.wire import FrameDecoder
 
-from ._support import (
-    BRIDGE_HOST,
-    LinkStack,
-    StackFactory,
-    command,
-    random_vm,
-    sample,
-    wait_until,
-)
+from ..support.probes import sample
+from ..support.waiting import wait_until
+from ._support import BRIDGE_HOST, LinkStack, StackFactory, command, random_vm
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -16,17 +16,9 @@ from nats.aio.msg import Msg
 from guestbus.lab.hypervisor import LabVM
 from guestbus.wire import MAX_FRAME, encode_frame
 
-from ._support import (
-    HandGuest,
-    LinkStack,
-    Reply,
-    Samples,
-    StackFactory,
-    command,
-    http_status,
-    sample,
-    wait_until,
-)
+from ..support.probes import Samples, http_status, sample
+from ..support.waiting import wait_until
+from ._support import HandGuest, LinkStack, Reply, StackFactory, command
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -9,13 +9,8 @@ import pytest
 
 from guestbus.contract import LinkKind, VmRecord
 
-from ._support import (
-    BRIDGE_HOST,
-    HandGuest,
-    LinkStack,
-    StackFactory,
-    wait_until,
-)
+from ..support.waiting import wait_until
+from ._support import BRIDGE_HOST, HandGuest, LinkStack, StackFactory
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,13 +13,8 @@ from nats.aio.msg import Msg
 from guestbus.contract import CA_ISSUE, CA_QUEUE, LinkKind, LinkState, ca_subject
 from guestbus.runtime import BusError
 
-from ._support import (
-    BRIDGE_HOST,
-    LinkStack,
-    StackFactory,
-    command,
-    wait_until,
-)
+from ..support.waiting import wait_until
+from ._support import BRIDGE_HOST, LinkStack, StackFactory, command
 
 pytestmark = pytest.mark.timeout(60)
 

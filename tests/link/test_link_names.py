@@ -12,7 +12,8 @@ from nats.aio.msg import Msg
 
 from guestbus.contract import HEADER_VM, HEADER_VM_NAME, RPC_HEARTBEAT, rpc_subject
 
-from ._support import SOCKET_NAME, LinkStack, StackFactory, random_vm, wait_until
+from ..support.waiting import wait_until
+from ._support import SOCKET_NAME, LinkStack, StackFactory, random_vm
 
 pytestmark = pytest.mark.timeout(60)
 

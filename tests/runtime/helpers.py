@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,20 +13,14 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-TESTS_DIR = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+REPO = Path(__file__).resolve().parents[2]
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The test process's environment without GUESTBUS_* settings, plus ``extra``;
-    ``tests/`` is on PYTHONPATH so ``runtime.sample_service`` imports."""
+    the repository root is on PYTHONPATH so ``tests.runtime.sample_service`` imports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTBUS_")}
-    paths = [str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])]
+    paths = [str(REPO), *filter(None, [env.get("PYTHONPATH")])]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
@@ -106,23 +99,3 @@ class Proc:
 
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
-
-
-async def http_request(port: int, raw: bytes, host: str = "127.0.0.1") -> tuple[int, str, bytes]:
-    """Send ``raw`` and read the whole response: (status, head, body)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 5.0)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, head.decode("latin-1"), body
-
-
-async def http_get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
-    raw = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
-    status, _, body = await http_request(port, raw)
-    return status, body

@@ -1,8 +1,7 @@
 """A small service built on the runtime, used by the runtime tests.
 
-Run it with ``python -m runtime.sample_service`` (``tests/`` on ``PYTHONPATH``) or, from the
-repository root, ``python -m tests.runtime.sample_service``. Settings: the usual
-``GUESTBUS_*`` plus ``GUESTBUS_SAMPLE_PREFIX`` (subject prefix), ``GUESTBUS_SAMPLE_DELAY``
+Run it from the repository root with ``python -m tests.runtime.sample_service``. Settings: the
+usual ``GUESTBUS_*`` plus ``GUESTBUS_SAMPLE_PREFIX`` (subject prefix), ``GUESTBUS_SAMPLE_DELAY``
 (seconds the ``slow`` endpoint sleeps) and ``GUESTBUS_SAMPLE_CONCURRENCY``.
 """
 

@@ -15,7 +15,7 @@ from .helpers import Proc, child_env, python
 if TYPE_CHECKING:
     from tests.conftest import NatsServer
 
-SAMPLE = ("-m", "runtime.sample_service")
+SAMPLE = ("-m", "tests.runtime.sample_service")
 
 
 async def test_bad_settings_exit_2_naming_the_variables() -> None:

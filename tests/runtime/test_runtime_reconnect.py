@@ -12,7 +12,7 @@ import nats
 from guestbus.broker import EmbeddedBroker
 from guestbus.runtime import ServiceHost
 
-from .helpers import free_port, http_get
+from ..support.probes import free_port, http_get
 from .sample_service import SampleService, SampleSettings
 
 

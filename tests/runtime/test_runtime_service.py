@@ -17,7 +17,7 @@ from guestbus.contract import HEADER_ERROR_CODE, ErrorBody
 from guestbus.runtime import BusError, BusService, ServiceContext, ServiceHost, check_reply
 from guestbus.runtime.errors import MICRO_ERROR_CODE_HEADER, MICRO_ERROR_HEADER
 
-from .helpers import free_port, http_get, http_request
+from ..support.probes import free_port, http_get, http_request
 from .sample_service import SampleService, SampleSettings
 
 if TYPE_CHECKING:

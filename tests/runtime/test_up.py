@@ -15,7 +15,8 @@ import pytest
 from guestbus.contract import KV_LEASES, KV_VMS, OBJ_ISOS, STREAM_EVENTS
 from guestbus.runtime.procs import pid_alive
 
-from .helpers import Proc, child_env, free_port, python
+from ..support.probes import free_port
+from .helpers import Proc, child_env, python
 
 URL_RX = r"embedded NATS at (nats://\S+) \(pid (\d+)"
 
@@ -70,7 +71,7 @@ import sys
 from guestbus import permissions as p
 from guestbus.cli import up
 up.SERVICES.clear()  # only the services of this test
-up.SERVICES.append(up.ServiceEntry("sample", "runtime.sample_service", {port}))
+up.SERVICES.append(up.ServiceEntry("sample", "tests.runtime.sample_service", {port}))
 up.SERVICES.append(up.ServiceEntry("ghost", "guestbus_no_such_service.main", 0))
 # a site's own service gets its own NATS user: its endpoints and nothing else; the
 # operator may call them

@@ -14,16 +14,11 @@ import asyncio
 import contextlib
 import datetime
 import json
-import os
 import shutil
-import signal
-import socket
 import ssl
-import subprocess
-import sys
 import tempfile
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +53,10 @@ from guestbus_cert_authority.settings import CaSettings
 from guestbus_rpc_router.gateway import Gateway
 from guestbus_rpc_router.service import RouterSettings, RpcRouter
 
+from ..support.bridge import BridgeProcess
+from ..support.probes import free_port
+from ..support.waiting import wait_until
+
 TRUST_DOMAIN = "tls-tests.example"
 GATEWAY_NAME = "gw-test"
 BRIDGE_HOST = "tls-host-1"
@@ -65,49 +64,6 @@ PASSPHRASE = "tls tests passphrase"
 SOCKET_NAME = "{uuid}.serial.1"
 REFUSED = "guestbus_gateway_refused_total"
 GATEWAY_LOGGER = "guestbus.rpc-router.gateway"
-
-
-# --- waiting ------------------------------------------------------------------------------
-
-
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]],
-    timeout: float,
-    what: str,
-    interval: float = 0.05,
-    detail: Callable[[], str] | None = None,
-) -> float:
-    """Poll ``check`` until it holds; returns the seconds it took, fails naming ``what``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return loop.time() - start
-        if loop.time() - start > timeout:
-            extra = f"\n{detail()}" if detail is not None else ""
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
-        await asyncio.sleep(interval)
-
-
-async def holds(
-    check: Callable[[], bool], duration: float, what: str, interval: float = 0.02
-) -> None:
-    """Assert that ``check`` stays true for ``duration`` seconds (proving that something
-    does *not* happen takes an observation window)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + duration
-    while loop.time() < end:
-        assert check(), f"no longer true: {what}"
-        await asyncio.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def new_vm() -> str:
@@ -265,92 +221,16 @@ class TlsClient:
 # --- the serial-bridge as its own process ---------------------------------------------------
 
 
-class BridgeProcess:
-    """``python -m guestbus_serial_bridge.main``, configured only by environment variables."""
-
-    def __init__(self, sockets: Path, nats_url: str, workdir: Path) -> None:
-        self.sockets = sockets
-        self.nats_url = nats_url
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.http_port = 0
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"serial-bridge-{self.starts}.log"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def start(self) -> None:
-        assert not self.alive, "serial-bridge already running"
-        self.starts += 1
-        self.http_port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTBUS_")}
-        env.update(
-            {
-                "GUESTBUS_NATS_URL": self.nats_url,
-                "GUESTBUS_HTTP_HOST": "127.0.0.1",
-                "GUESTBUS_HTTP_PORT": str(self.http_port),
-                "GUESTBUS_SOCKET_PATTERN": str(self.sockets / SOCKET_NAME),
-                "GUESTBUS_LIBVIRT_XML_DIRS": "",
-                "GUESTBUS_SCAN_INTERVAL": "0.3",
-                "GUESTBUS_BRIDGE_HOST": BRIDGE_HOST,
-                "GUESTBUS_SHUTDOWN_TIMEOUT": "5",
-                "GUESTBUS_LOG_LEVEL": "INFO",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestbus_serial_bridge.main"],
-                env=env,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        async def ready() -> bool:
-            assert self.alive, f"serial-bridge exited:\n{self.log_tail()}"
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", self.http_port), 2.0
-                )
-            except (OSError, asyncio.TimeoutError):
-                return False
-            try:
-                writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                await writer.drain()
-                data = await asyncio.wait_for(reader.read(), 2.0)
-            except (OSError, asyncio.TimeoutError):
-                return False
-            finally:
-                writer.close()
-            return data.startswith(b"HTTP/1.1 200")
-
-        await wait_until(ready, timeout, "serial-bridge /readyz", 0.1, self.log_tail)
-
-    async def stop(self) -> None:
-        """SIGTERM (an orderly stop: the bridge drains and reports its links down)."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(AssertionError):
-            await wait_until(lambda: proc.poll() is not None, 15, "serial-bridge to exit", 0.05)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+def bridge_env(sockets: Path, nats_url: str) -> dict[str, str]:
+    return {
+        "GUESTBUS_NATS_URL": nats_url,
+        "GUESTBUS_SOCKET_PATTERN": str(sockets / SOCKET_NAME),
+        "GUESTBUS_LIBVIRT_XML_DIRS": "",
+        "GUESTBUS_SCAN_INTERVAL": "0.3",
+        "GUESTBUS_BRIDGE_HOST": BRIDGE_HOST,
+        "GUESTBUS_SHUTDOWN_TIMEOUT": "5",
+        "GUESTBUS_LOG_LEVEL": "INFO",
+    }
 
 
 # --- the whole stack ------------------------------------------------------------------------
@@ -446,7 +326,7 @@ class TlsStack:
         await self.router_host.start()
         await asyncio.wait_for(self.gateway.ready.wait(), 20)
         if self.with_bridge:
-            self.bridge = BridgeProcess(self.sockets, self.broker.url, self.workdir)
+            self.bridge = BridgeProcess(bridge_env(self.sockets, self.broker.url), self.workdir)
             self.bridge.start()
             await self.bridge.wait_ready()
         self.fleet = LabFleet(

@@ -27,7 +27,8 @@ from guestbus_agent.config import STATE_CONFIG_NAME, AgentConfig, parse_config
 from guestbus_agent.config import load as load_config
 from guestbus_agent.identity import Identity
 
-from ._support import BRIDGE_HOST, TRUST_DOMAIN, TlsStack, host_command, utcnow, wait_until
+from ..support.waiting import wait_until
+from ._support import BRIDGE_HOST, TRUST_DOMAIN, TlsStack, host_command, utcnow
 from .conftest import StackFactory
 
 pytestmark = pytest.mark.timeout(60)

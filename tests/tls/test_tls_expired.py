@@ -13,7 +13,8 @@ from guestbus.lab.hypervisor import LabVM
 from guestbus_agent.agent import Agent
 from guestbus_agent.identity import Identity
 
-from ._support import BRIDGE_HOST, TlsStack, holds, utcnow, wait_until
+from ..support.waiting import holds, wait_until
+from ._support import BRIDGE_HOST, TlsStack, utcnow
 from .conftest import StackFactory
 
 pytestmark = pytest.mark.timeout(90)

@@ -13,14 +13,8 @@ from collections import Counter
 
 import pytest
 
-from ._support import (
-    BRIDGE_HOST,
-    GATEWAY_NAME,
-    Outcome,
-    TlsStack,
-    host_command,
-    wait_until,
-)
+from ..support.waiting import wait_until
+from ._support import BRIDGE_HOST, GATEWAY_NAME, Outcome, TlsStack, host_command
 from .conftest import StackFactory
 
 pytestmark = pytest.mark.timeout(90)

@@ -14,6 +14,7 @@ import pytest
 
 from guestbus.wire.aio import RemoteError
 
+from ..support.waiting import wait_until
 from ._support import (
     GATEWAY_LOGGER,
     GATEWAY_NAME,
@@ -23,7 +24,6 @@ from ._support import (
     host_command,
     new_vm,
     utcnow,
-    wait_until,
 )
 from .conftest import StackFactory
 

@@ -17,14 +17,8 @@ import pytest
 
 from guestbus_agent.identity import CertInfo
 
-from ._support import (
-    BRIDGE_HOST,
-    TlsStack,
-    agent_files,
-    attempt_refused,
-    utcnow,
-    wait_until,
-)
+from ..support.waiting import wait_until
+from ._support import BRIDGE_HOST, TlsStack, agent_files, attempt_refused, utcnow
 from .conftest import StackFactory
 
 pytestmark = pytest.mark.timeout(110)
