@@ -75,8 +75,19 @@ ENTRYPOINT ["guestbus-dr-orchestrator"]
 # deployment drops every capability except CAP_DAC_OVERRIDE (open other users' sockets and
 # files); or it runs as the QEMU user (e.g. `--user 64055:64055` on Debian), which can open the
 # sockets but not the XML (VM names then stay unknown). docs/deploy.md has both.
+# Its host adapter (snapshots, self-service restore disks) drives libvirt through the host's
+# /run/libvirt sockets: the image has libvirt's client library and the `libvirt` extra (the
+# Python binding, compiled here against libvirt's headers, which go again with the compiler).
 FROM runtime AS serial-bridge
 USER 0:0
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    apt-get update \
+ && apt-get install -y --no-install-recommends libvirt0 \
+ && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config libvirt-dev \
+ && pip install --no-cache-dir --no-compile --find-links /wheels "guestbus[libvirt]" \
+ && python -c "import libvirt" \
+ && apt-get purge -y --auto-remove gcc libc6-dev pkg-config libvirt-dev \
+ && rm -rf /var/lib/apt/lists/*
 ENTRYPOINT ["guestbus-serial-bridge"]
 
 # the `guestbus` command: provisioning (compose's provision service, the chart's Job and init

@@ -174,13 +174,26 @@ def test_host_paths_only_on_the_bridge_and_read_only(
             "/var/lib/libvirt/qemu",
             "/run/libvirt/qemu",
             "/etc/libvirt/qemu",
+            "/run/libvirt",  # libvirt's sockets: the host adapter
         }
         (c,) = spec["containers"]
+        assert env_of(c)["GUESTBUS_LIBVIRT_URI"]["value"] == "qemu:///system"
         mounts = {m["name"]: m for m in c["volumeMounts"]}
         assert all(mounts[name].get("readOnly") is True for name in host)
         # root, but with one capability: open QEMU's sockets and libvirt's 0600 XML
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["DAC_OVERRIDE"]}
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_host_adapter_can_be_turned_off() -> None:
+    """No libvirt socket on the node, an empty URI: the bridge links VMs, nothing more."""
+    objects = render({"serialBridge": {"hostAdapter": {"enabled": False}}})
+    (spec,) = [s for o, s in pod_specs(objects) if component(o) == "serial-bridge"]
+    paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert "/run/libvirt" not in paths and "/run/libvirt/qemu" in paths
+    (c,) = spec["containers"]
+    assert env_of(c)["GUESTBUS_LIBVIRT_URI"]["value"] == ""
+    assert "/run/libvirt" not in {m["mountPath"] for m in c["volumeMounts"]}
 
 
 def test_nats_users_and_jetstream_replicas_of_the_default_install(

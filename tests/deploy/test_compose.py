@@ -92,7 +92,10 @@ def test_volumes_for_ca_and_iso_state_and_the_read_only_hypervisor_mounts(
     assert "nats-data:/data" in services["nats"]["volumes"]
     bridge = services["serial-bridge"]
     host_mounts = [v for v in bridge["volumes"] if v.split(":")[0].startswith("${LIBVIRT")]
-    assert len(host_mounts) == 3 and all(v.endswith(":ro") for v in host_mounts)
+    assert len(host_mounts) == 4 and all(v.endswith(":ro") for v in host_mounts)
+    # the host adapter: libvirt's sockets, and a URI that .env may set to "" (adapter off)
+    assert "${LIBVIRT_SOCKET_DIR:-/run/libvirt}:/run/libvirt:ro" in host_mounts
+    assert bridge["environment"]["GUESTBUS_LIBVIRT_URI"] == "${GUESTBUS_LIBVIRT_URI-qemu:///system}"
     assert bridge["user"] == "0:0" and bridge["cap_add"] == ["DAC_OVERRIDE"]
     # no other service touches the host
     for name, svc in services.items():
@@ -178,3 +181,10 @@ def test_dockerfile_one_target_per_service_non_root_but_the_bridge() -> None:
     for name in SERVICES:
         assert f'guestbus-{name} = "' in pyproject
     assert "/wheels" in DOCKERFILE.read_text()
+    # the bridge's host adapter: libvirt's client library and the `libvirt` extra, built
+    # with a compiler that leaves the image again
+    bridge = stages["serial-bridge"]
+    assert "apt-get install -y --no-install-recommends libvirt0" in bridge
+    assert '"guestbus[libvirt]"' in bridge and 'python -c "import libvirt"' in bridge
+    assert "apt-get purge -y --auto-remove gcc libc6-dev pkg-config libvirt-dev" in bridge
+    assert 'libvirt = ["libvirt-python' in pyproject
