@@ -47,6 +47,8 @@ REQUEST_LIMIT = 64 * 1024
 VIRTIO_SERIAL_MAX = 20  # virtio-blk serials are cut at 20 bytes (VIRTIO_BLK_ID_BYTES)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PART_LINK = re.compile(r"-part[0-9]+$")
+_DISK = re.compile(r"^[a-z][a-z0-9]{1,15}$")
+"""A guest disk as libvirt names it (vda, sdb, …), as in the contract's ``DiskTarget``."""
 _SERIAL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # Never mounted: swap, volume-manager and encrypted members (their ids clash with the live
 # disks' and activating them from a snapshot would confuse the running system).
@@ -231,7 +233,7 @@ class Restorer:
             if op == "ls-snaps":
                 result = await self.list_snapshots()
             elif op == "attach":
-                result = await self.attach(request.get("snapshot"))
+                result = await self.attach(request.get("snapshot"), request.get("disk"))
             elif op == "detach":
                 result = await self.detach(request.get("label"), bool(request.get("force")))
             elif op == "ls-attached":
@@ -281,11 +283,21 @@ class Restorer:
             attachments.append(entry)
         return {"attachments": attachments}
 
-    async def attach(self, snapshot: Any) -> Dict[str, Any]:
+    async def attach(self, snapshot: Any, disk: Any = None) -> Dict[str, Any]:
+        """Attach one disk of ``snapshot`` (its first, or the one that was guest disk
+        ``disk``) and mount it under its label."""
         snapshot = _check_name(snapshot, "a snapshot name")
+        params: Dict[str, Any] = {"snapshot": snapshot}
+        if disk is not None:
+            if not isinstance(disk, str) or not _DISK.match(disk):
+                raise SsrError(
+                    errors.BAD_REQUEST,
+                    f"a disk is named like vdb or sdc (see ls-snaps), not {disk!r}",
+                )
+            params["disk"] = disk
         loop = asyncio.get_running_loop()
         async with self._serialized():
-            att = await self._call("ssr_attach", {"snapshot": snapshot}, CHANGE_TIMEOUT)
+            att = await self._call("ssr_attach", params, CHANGE_TIMEOUT)
             label = att.get("label")
             serial = att.get("serial")
             if not isinstance(label, str) or not _NAME.match(label):
@@ -598,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach a snapshot read-only and mount it under the restore directory",
     )
     attach.add_argument("snapshot", help="the snapshot's name (see ls-snaps)")
+    attach.add_argument(
+        "--disk",
+        metavar="DISK",
+        help="which of its disks, by the name it had in this VM (e.g. vdb; see ls-snaps); "
+        "default: the first",
+    )
     detach = sub.add_parser("detach", parents=[common], help="unmount and detach a restore disk")
     detach.add_argument("label", help="the restore disk's label (see ls-attached)")
     detach.add_argument(
@@ -635,12 +653,13 @@ def render(op: str, result: Dict[str, Any]) -> str:
         if not snaps:
             return "no snapshots of this VM"
         return table(
-            ["NAME", "CREATED", "CONSISTENCY", "NOTES"],
+            ["NAME", "CREATED", "CONSISTENCY", "DISKS", "NOTES"],
             [
                 [
                     str(s.get("name", "?")),
                     _when(s.get("created_at")),
                     str(s.get("consistency", "?")),
+                    ",".join(str(d.get("target", "?")) for d in s.get("disks") or []) or "-",
                     "; ".join(str(r) for r in s.get("reasons") or []),
                 ]
                 for s in snaps
@@ -651,11 +670,12 @@ def render(op: str, result: Dict[str, Any]) -> str:
         if not atts:
             return "no restore disks attached"
         return table(
-            ["LABEL", "SNAPSHOT", "MOUNTED AT", "DETACHED AT"],
+            ["LABEL", "SNAPSHOT", "DISK", "MOUNTED AT", "DETACHED AT"],
             [
                 [
                     str(a.get("label", "?")),
                     str(a.get("snapshot", "?")),
+                    str(a.get("disk") or "-"),
                     ", ".join(a.get("mounted_at") or []) or "(not mounted)",
                     _when(a.get("detach_at")),
                 ]
@@ -664,8 +684,10 @@ def render(op: str, result: Dict[str, Any]) -> str:
         )
     if op == "attach":
         label = result.get("label", "?")
+        disk = f" (its disk {result['disk']})" if result.get("disk") else ""
         lines = [
-            f"snapshot {result.get('snapshot', '?')} attached read-only as {label}, mounted at:"
+            f"snapshot {result.get('snapshot', '?')}{disk} attached read-only as {label}, "
+            "mounted at:"
         ]
         lines += [f"  {m.get('path')}" for m in result.get("mounts") or []]
         lines += [f"note: {n}" for n in result.get("notes") or []]
@@ -691,6 +713,8 @@ def main(argv: Optional[List[str]] = None, euid: Optional[int] = None) -> int:
     request: Dict[str, Any] = {"op": args.op}
     if args.op == "attach":
         request["snapshot"] = args.snapshot
+        if args.disk is not None:
+            request["disk"] = args.disk
     elif args.op == "detach":
         request.update(label=args.label, force=args.force)
     try:

@@ -968,7 +968,8 @@ def dr_event_subject(run: str, vm: str | None = None) -> str:
     return f"{EVT_PREFIX}.{EVT_DR}.{_token(run, 'run')}.{_token(vm or 'run', 'vm')}"
 
 
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+NAME_MAX: Final = 64
+Name = Annotated[str, StringConstraints(pattern=rf"^[A-Za-z0-9_-]{{1,{NAME_MAX}}}$")]
 """Plan names and run ids: one subject / KV key token."""
 Cidr = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
 IpText = Annotated[str, StringConstraints(min_length=1, max_length=45, strip_whitespace=True)]
@@ -1599,8 +1600,17 @@ class SnapshotDeleteReply(_Model):
     deleted: bool = True
 
 
+DiskTarget = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9]{1,15}$")]
+"""A guest disk as libvirt names it (``<target dev>``: vda, sdb, …)."""
+
+
 class RestoreAttachRequest(_Model):
     snapshot: Name
+    disk: DiskTarget | None = Field(
+        default=None,
+        description="Which of the snapshot's disks, by the guest disk it was taken of (e.g. "
+        "vdb; the snapshot lists them). Default: its first disk.",
+    )
     ttl: float | None = Field(
         default=None, gt=0, description="Detach after this many seconds (at most the default)."
     )
@@ -1610,8 +1620,14 @@ class RestoreAttachment(_Model):
     """A snapshot's disk attached read-only to its VM (KV ``gb_restores``)."""
 
     vm: Uuid
-    label: Name = Field(description="Names the attachment; the guest mounts it at <dir>/<label>.")
+    label: Name = Field(
+        description="Names the attachment; the guest mounts it at <dir>/<label>. The snapshot's "
+        "name for its first disk, <snapshot>-<disk> for another."
+    )
     snapshot: Name
+    disk: str | None = Field(
+        default=None, description="The snapshot's disk this is, by the guest disk it was of."
+    )
     host: str
     target: str = Field(description="Guest disk the adapter attached (e.g. vdb).")
     serial: str = Field(description="Disk serial the guest finds it by.")

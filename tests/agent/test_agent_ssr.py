@@ -136,11 +136,15 @@ def partitioned_image(path: Path) -> Path:
 class Host:
     """Answers the agent like rpc-router (hello, heartbeat, report) and, for ssr_*, like the
     host adapter: an "attached" snapshot is its image as a read-only loop device whose udev
-    link appears a moment later."""
+    link appears a moment later. A snapshot of several disks has an image per disk
+    (``disks``); its first disk is ``images``' (labelled as the snapshot), another is
+    labelled ``<snapshot>-<disk>``, as the adapter does."""
 
     def __init__(self, by_id: Path, images: Dict[str, Path]) -> None:
         self.by_id = by_id
         self.images = images
+        self.disks: Dict[str, Dict[str, Path]] = {}  # snapshot -> its other disks' images
+        self.of: Dict[str, Tuple[str, str]] = {}  # label -> (snapshot, disk)
         self.calls: List[Tuple[str, Dict[str, Any]]] = []
         self.hello_params: Dict[str, Any] = {}
         self.attached: Dict[str, str] = {}  # label -> loop device
@@ -173,6 +177,10 @@ class Host:
                         "quiesce_requested": True,
                         "consistency": "filesystem",
                         "reasons": ["no pre_freeze script"],
+                        "disks": [
+                            {"target": target, "file": f"/img/{name}.{target}", "overlay": "/o"}
+                            for target in ["vda", *sorted(self.disks.get(name, {}))]
+                        ],
                     }
                     for name in sorted(self.images)
                 ]
@@ -181,14 +189,22 @@ class Host:
             name = params["snapshot"]
             if name not in self.images:
                 raise RemoteError("snapshot_not_found", f"no snapshot {name}")
-            dev = run(["losetup", "-f", "--show", "-r", "-P", str(self.images[name])])
+            disk = params.get("disk")
+            if disk in (None, "vda"):
+                image, label = self.images[name], name
+            elif disk in self.disks.get(name, {}):
+                image, label = self.disks[name][disk], f"{name}-{disk}"
+            else:
+                raise RemoteError("bad_request", f"snapshot {name} has no disk {disk}")
+            dev = run(["losetup", "-f", "--show", "-r", "-P", str(image)])
             if name.startswith("parts") and not partitions_of(dev):
                 run(["partx", "-a", dev])
-            self.attached[name] = dev
-            serial = "gbssr-" + name
+            self.attached[label] = dev
+            self.of[label] = (name, disk or "vda")
+            serial = "gbssr-" + label
             link = self.by_id / ("virtio-" + serial[:20])  # as a guest shows a virtio serial
             asyncio.get_running_loop().call_later(0.3, link.symlink_to, dev)  # udev, late
-            return self.attachment(name, serial)
+            return self.attachment(label, serial, name, disk or "vda")
         if method == "ssr_detach":
             label = params["label"]
             gone: Optional[str] = self.attached.pop(label) if label in self.attached else None
@@ -201,17 +217,21 @@ class Host:
         if method == "ssr_attached":
             return {
                 "attachments": [
-                    self.attachment(label, "gbssr-" + label) for label in sorted(self.attached)
+                    self.attachment(label, "gbssr-" + label, *self.of[label])
+                    for label in sorted(self.attached)
                 ]
             }
         raise RemoteError("unknown_method", method)
 
     @staticmethod
-    def attachment(label: str, serial: str) -> Dict[str, Any]:
+    def attachment(
+        label: str, serial: str, snapshot: Optional[str] = None, disk: str = "vda"
+    ) -> Dict[str, Any]:
         return {
             "vm": VM,
             "label": label,
-            "snapshot": label,
+            "snapshot": snapshot or label,
+            "disk": disk,
             "host": "hv1",
             "target": "vdz",
             "serial": serial,
@@ -452,6 +472,58 @@ def test_each_partition_is_mounted_at_part_n(harness: Harness, tmp_path: Path) -
 
 
 @needs_root
+def test_each_disk_of_a_snapshot_is_attached_under_its_own_label(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A VM with a data disk: its snapshot has two disks; ``--disk`` picks the second,
+    which the host labels ``<snapshot>-<disk>``; both can be mounted at once."""
+    images = tmp_path / "images"
+    images.mkdir()
+    harness.host.images["two"] = ext4_image(images / "boot.img", {"which.txt": "boot disk\n"})
+    harness.host.disks["two"] = {
+        "vdb": ext4_image(images / "data.img", {"which.txt": "data disk\n"})
+    }
+    boot, data = harness.restore / "two", harness.restore / "two-vdb"
+
+    async def main() -> None:
+        await harness.start()
+        try:
+            code, out, _ = await harness.cli("ls-snaps")
+            assert code == 0 and " vda,vdb " in out.splitlines()[1]
+            code, out, err = await harness.cli("attach", "two", "--disk", "vdb")
+            assert code == 0, err
+            assert "(its disk vdb) attached read-only as two-vdb" in out and str(data) in out
+            assert ("ssr_attach", {"snapshot": "two", "disk": "vdb"}) in harness.host.calls
+            assert (data / "which.txt").read_text() == "data disk\n"
+            code, _, err = await harness.cli("attach", "two")
+            assert code == 0, err
+            assert ("ssr_attach", {"snapshot": "two"}) in harness.host.calls
+            assert (boot / "which.txt").read_text() == "boot disk\n"
+            assert (data / "which.txt").read_text() == "data disk\n"  # still there
+            code, out, _ = await harness.cli("ls-attached")
+            rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+            assert rows["two"][1:3] == ["two", "vda"] and rows["two-vdb"][1:3] == ["two", "vdb"]
+
+            # a bad disk name is refused here, before the host is asked
+            calls = len(harness.host.calls)
+            code, _, err = await harness.cli("attach", "two", "--disk", "../vdb")
+            assert code == 1 and "a disk is named like vdb" in err
+            assert len(harness.host.calls) == calls
+            # one the snapshot does not have: the host says so
+            code, _, err = await harness.cli("attach", "two", "--disk", "vdc")
+            assert code == 1 and "has no disk vdc" in err
+
+            for label in ("two-vdb", "two"):
+                code, _, err = await harness.cli("detach", label)
+                assert code == 0, err
+            assert not boot.exists() and not data.exists() and harness.host.attached == {}
+        finally:
+            await harness.stop()
+
+    asyncio.run(main())
+
+
+@needs_root
 def test_a_disk_that_cannot_be_mounted_is_detached_again(harness: Harness, tmp_path: Path) -> None:
     blank = tmp_path / "blank.img"
     with open(str(blank), "wb") as f:
@@ -527,8 +599,9 @@ def test_listing_snapshots_table_and_json(harness: Harness) -> None:
             assert stat.S_IMODE(os.stat(str(harness.sock)).st_mode) == 0o600
             code, out, _ = await harness.cli("ls-snaps")
             lines = out.splitlines()
-            assert code == 0 and lines[0].split() == ["NAME", "CREATED", "CONSISTENCY", "NOTES"]
-            assert lines[1].startswith("daily-1") and "2026-03-01 10:00 UTC" in lines[1]
+            assert lines[0].split() == ["NAME", "CREATED", "CONSISTENCY", "DISKS", "NOTES"]
+            assert code == 0 and lines[1].startswith("daily-1") and " vda " in lines[1]
+            assert "2026-03-01 10:00 UTC" in lines[1]
             assert "filesystem" in lines[1] and "no pre_freeze script" in lines[1]
             code, out, _ = await harness.cli("ls-snaps", "--json")
             names = [s["name"] for s in json.loads(out)["snapshots"]]

@@ -80,9 +80,12 @@ def qemu_io(image: Path, command: str, *, share: bool = False) -> str:
 
 
 class TinyVM:
-    """A libvirt domain with one 16 MiB qcow2 disk, no network, nothing else to speak of."""
+    """A libvirt domain with one 16 MiB qcow2 disk (and a second one, ``data_disk``), no
+    network, nothing else to speak of."""
 
-    def __init__(self, conn: Any, kind: str = BIOS, image: Any = None) -> None:
+    def __init__(
+        self, conn: Any, kind: str = BIOS, image: Any = None, *, data_disk: bool = False
+    ) -> None:
         self.conn = conn
         self.kind = kind
         self.image = image
@@ -90,6 +93,7 @@ class TinyVM:
         self.uuid = str(uuidlib.uuid4())
         self.dir = Path(harness.vm_root()) / self.name
         self.disk = self.dir / "disk.qcow2"
+        self.data = self.dir / "data.qcow2" if data_disk else None
         self.console = self.dir / "console.log"
         self.dom: Any = None
 
@@ -102,6 +106,13 @@ class TinyVM:
                 "<cmdline>console=ttyS0 rdinit=/bin/sh panic=-1</cmdline>"
             )
         memory = 256 if self.kind == KERNEL else 32
+        data = ""
+        if self.data is not None:
+            data = f"""
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/><source file='{self.data}'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>"""
         return f"""<domain type='qemu'>
   <name>{self.name}</name><uuid>{self.uuid}</uuid>
   <memory unit='MiB'>{memory}</memory><vcpu>1</vcpu>
@@ -112,7 +123,7 @@ class TinyVM:
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/><source file='{self.disk}'/>
       <target dev='vda' bus='virtio'/>
-    </disk>
+    </disk>{data}
     <disk type='file' device='cdrom'>
       <driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/>
     </disk>
@@ -136,6 +147,8 @@ class TinyVM:
         qemu_img("create", "-q", "-f", "qcow2", str(self.disk), "16M")
         if pattern is not None:
             qemu_io(self.disk, f"write -P {pattern:#x} 0 1M")
+        if self.data is not None:
+            qemu_img("create", "-q", "-f", "qcow2", str(self.data), "16M")
         self.dom = self.conn.defineXML(self.xml())
         return self
 

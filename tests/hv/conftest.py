@@ -37,14 +37,18 @@ def kernel_image() -> Any:
 
 @pytest.fixture
 def make_vm(hv_conn: Any) -> Iterator[Callable[..., TinyVM]]:
-    """``make_vm(kind=BIOS, pattern=None, start=True)``: a defined (and started) tiny domain,
-    removed with its snapshots and files after the test."""
+    """``make_vm(kind=BIOS, pattern=None, start=True, image=None, data_disk=False)``: a
+    defined (and started) tiny domain, removed with its snapshots and files after the test."""
     made: list[TinyVM] = []
 
     def make(
-        kind: str = BIOS, pattern: int | None = None, start: bool = True, image: Any = None
+        kind: str = BIOS,
+        pattern: int | None = None,
+        start: bool = True,
+        image: Any = None,
+        data_disk: bool = False,
     ) -> TinyVM:
-        vm = TinyVM(hv_conn, kind, image)
+        vm = TinyVM(hv_conn, kind, image, data_disk=data_disk)
         made.append(vm)
         vm.create(pattern)
         if start:

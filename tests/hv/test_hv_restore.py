@@ -146,6 +146,42 @@ async def test_attach_detach_and_detach_when_due(
     ], actions
 
 
+async def test_every_disk_of_a_snapshot_can_be_attached(
+    stack: HvStack, make_vm: MakeVm, kernel_image: Any
+) -> None:
+    """A VM with a data disk: one snapshot covers both; either disk (or both at once) is
+    attached, each under its own label; a disk the snapshot does not have is named back."""
+    vm = make_vm(KERNEL, image=kernel_image, data_disk=True)
+    assert vm.data is not None
+    stack.show(vm)
+    await stack.start_bridge()
+    await stack.wait_served(vm)
+    snap = (await stack.call(vm.uuid, HV_SNAPSHOT_CREATE, {"name": "two"})).ok(SnapshotRecord)
+    assert [d.target for d in snap.disks] == ["vda", "vdb"]
+
+    data = await attach(stack, vm, "two", disk="vdb")
+    assert (data.label, data.snapshot, data.disk) == ("two-vdb", "two", "vdb")
+    assert data.file == str(vm.data) and data.target == "vdc"
+    boot = await attach(stack, vm, "two")  # the first disk, as before
+    assert (boot.label, boot.disk, boot.file, boot.target) == ("two", "vda", str(vm.disk), "vdd")
+    assert restore_disks(vm) == {
+        data.serial: ("vdc", str(vm.data), True),
+        boot.serial: ("vdd", str(vm.disk), True),
+    }
+    assert await attach(stack, vm, "two", disk="vdb") == data  # idempotent per disk
+    assert await stack.restore_record(vm.uuid, "two-vdb") == data
+
+    reply = await stack.call(vm.uuid, HV_RESTORE_ATTACH, {"snapshot": "two", "disk": "vdz"})
+    assert reply.code == "bad_request" and "its disks: vda, vdb" in str(reply.error)
+    reply = await stack.call(vm.uuid, HV_SNAPSHOT_DELETE, {"name": "two"})
+    assert reply.code == "conflict"
+
+    for label in ("two-vdb", "two"):
+        assert (await stack.call(vm.uuid, HV_RESTORE_DETACH, {"label": label})).error is None
+    assert restore_disks(vm) == {}
+    assert (await stack.call(vm.uuid, HV_SNAPSHOT_DELETE, {"name": "two"})).error is None
+
+
 async def test_restore_disks_outlive_a_bridge_restart_and_not_the_vm(
     stack: HvStack, make_vm: MakeVm, kernel_image: Any
 ) -> None:

@@ -78,3 +78,6 @@ def test_snapshot_without_a_host_adapter_is_one_clear_line(nats_server: NatsServ
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "name" in bad.stderr
+    bad = cli("snapshot", "attach", vm, "s1", "--disk", "../vdb")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "not a disk name" in bad.stderr

@@ -66,6 +66,7 @@ from guestbus.contract import (
     HV_SNAPSHOT_LIST,
     KV_RESTORES,
     KV_SNAPSHOTS,
+    NAME_MAX,
     Consistency,
     FreezeRequest,
     FreezeResult,
@@ -78,6 +79,7 @@ from guestbus.contract import (
     SnapshotCreateRequest,
     SnapshotDeleteReply,
     SnapshotDeleteRequest,
+    SnapshotDisk,
     SnapshotEvent,
     SnapshotListReply,
     SnapshotRecord,
@@ -126,6 +128,34 @@ FROZEN_PROOF_MARGIN = 1.0
 frozen at the snapshot (the guest's clock may run a little faster)."""
 SNAPSHOT_BUCKETS = (*LATENCY_BUCKETS, 60.0, 120.0)
 OUTSIDE = "taken outside guestbus"
+
+
+def _restore_disk(info: SnapshotInfo, wanted: str | None) -> tuple[SnapshotDisk, str]:
+    """The snapshot's disk to attach (its first by default) and the attachment's label: the
+    snapshot's name for the first disk (what the guest asks for most), ``<name>-<disk>`` for
+    another, so that every disk of one snapshot can be attached at once."""
+    if not info.disks:
+        raise BusError(
+            errors.BAD_REQUEST,
+            f"snapshot {info.name} has no disk image to attach (not an external disk snapshot)",
+        )
+    if wanted is None:
+        return info.disks[0], info.name
+    for index, disk in enumerate(info.disks):
+        if disk.target == wanted:
+            label = info.name if index == 0 else f"{info.name}-{disk.target}"
+            if len(label) > NAME_MAX:
+                raise BusError(
+                    errors.BAD_REQUEST,
+                    f"the restore disk of {info.name}'s disk {wanted} would be labelled "
+                    f"{label!r}, longer than {NAME_MAX} characters: use a shorter snapshot name",
+                )
+            return disk, label
+    raise BusError(
+        errors.BAD_REQUEST,
+        f"snapshot {info.name} has no disk {wanted} (its disks: "
+        f"{', '.join(d.target for d in info.disks)})",
+    )
 
 
 def _key(vm: str, name: str) -> str:
@@ -692,20 +722,15 @@ class HostAdapter:
         req = parse_request(RestoreAttachRequest, data)
         assert self.hv is not None and self.kv_restores is not None
         by = "guest" if HEADER_LINK in headers else "operator"
-        key = _key(vm, req.snapshot)
         async with self._lock(vm):
+            info = await self._hv(self.hv.snapshot, vm, req.snapshot)
+            disk, label = _restore_disk(info, req.disk)
+            key = _key(vm, label)
             existing = self.restores.get(key)
             if existing is not None:
                 if await self._hv(self.hv.restore_disk, vm, existing.serial) is not None:
                     return existing
                 await self._forget(existing, "gone")  # the VM stopped since: attach anew
-            info = await self._hv(self.hv.snapshot, vm, req.snapshot)
-            if not info.disks:
-                raise BusError(
-                    errors.BAD_REQUEST,
-                    f"snapshot {req.snapshot} has no disk image to attach (not an external "
-                    "disk snapshot)",
-                )
             if len(self._attachments(vm)) >= self.settings.restore_max_per_vm:
                 raise BusError(
                     ERROR_CONFLICT,
@@ -713,14 +738,14 @@ class HostAdapter:
                     "already: detach one first",
                     409,
                 )
-            disk = info.disks[0]
             target, serial = await self._hv(self.hv.attach_restore_disk, vm, disk.file, disk.format)
             now = utcnow()
             ttl = min(req.ttl or self.settings.restore_ttl, self.settings.restore_ttl)
             att = RestoreAttachment(
                 vm=vm,
-                label=req.snapshot,
+                label=label,
                 snapshot=req.snapshot,
+                disk=disk.target,
                 host=self.host,
                 target=target,
                 serial=serial,
@@ -753,7 +778,13 @@ class HostAdapter:
             )
             log.info(
                 "restore disk attached",
-                extra={"vm": vm, "snapshot": req.snapshot, "target": target, "by": by},
+                extra={
+                    "vm": vm,
+                    "snapshot": req.snapshot,
+                    "disk": disk.target,
+                    "target": target,
+                    "by": by,
+                },
             )
             return att
 

@@ -26,6 +26,7 @@ from guestbus.contract import (
     HV_SNAPSHOT_CREATE,
     HV_SNAPSHOT_DELETE,
     HV_SNAPSHOT_LIST,
+    DiskTarget,
     Name,
     RestoreAttachment,
     RestoreAttachRequest,
@@ -42,6 +43,7 @@ from guestbus.contract import (
 
 M = TypeVar("M", bound=BaseModel)
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
+_DISK: TypeAdapter[str] = TypeAdapter(DiskTarget)
 
 
 async def hv_call(
@@ -133,11 +135,13 @@ async def _ls(args: argparse.Namespace) -> int:
                 age(s.created_at),
                 s.consistency.value,
                 _ms(s.frozen_seconds),
+                ",".join(d.target for d in s.disks) or "-",
                 "; ".join(s.reasons) or "-",
             )
             for s in sorted(reply.snapshots, key=lambda s: s.created_at)
         ]
-        print(table(("NAME", "CREATED", "AGE", "CONSISTENCY", "FROZEN", "NOTES"), rows))
+        headers = ("NAME", "CREATED", "AGE", "CONSISTENCY", "FROZEN", "DISKS", "NOTES")
+        print(table(headers, rows))
         return 0
 
     return await with_bus(args, work)
@@ -157,14 +161,15 @@ async def _rm(args: argparse.Namespace) -> int:
 async def _attach(args: argparse.Namespace) -> int:
     async def work(nc: Client) -> int:
         vm = await vm_uuid(nc, args.vm)
-        request = RestoreAttachRequest(snapshot=args.name, ttl=args.ttl)
+        request = RestoreAttachRequest(snapshot=args.name, disk=args.disk, ttl=args.ttl)
         att = await hv_call(nc, vm, HV_RESTORE_ATTACH, request, RestoreAttachment, 90.0)
         if args.json:
             _dump(att)
         else:
+            disk = f"'s disk {att.disk}" if att.disk else ""
             print(
-                f"attached snapshot {att.snapshot} to {vm} read-only as {att.target} (serial "
-                f"{att.serial}, label {att.label}); detached automatically at "
+                f"attached snapshot {att.snapshot}{disk} to {vm} read-only as {att.target} "
+                f"(serial {att.serial}, label {att.label}); detached automatically at "
                 f"{att.detach_at:%Y-%m-%d %H:%M:%SZ}"
             )
         return 0
@@ -200,6 +205,7 @@ async def _attached(args: argparse.Namespace) -> int:
             (
                 a.label,
                 a.snapshot,
+                a.disk or "-",
                 a.target,
                 a.requested_by,
                 f"{a.attached_at:%Y-%m-%d %H:%M:%SZ}",
@@ -207,7 +213,8 @@ async def _attached(args: argparse.Namespace) -> int:
             )
             for a in reply.attachments
         ]
-        print(table(("LABEL", "SNAPSHOT", "DISK", "BY", "ATTACHED", "DETACH AT"), rows))
+        headers = ("LABEL", "SNAPSHOT", "OF DISK", "AS", "BY", "ATTACHED", "DETACH AT")
+        print(table(headers, rows))
         return 0
 
     return await with_bus(args, work)
@@ -220,6 +227,15 @@ def _name(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a valid name: 1-64 of A-Z a-z 0-9 _ - (it becomes a libvirt "
             "snapshot name and a bus key)"
+        ) from None
+
+
+def _disk(text: str) -> str:
+    try:
+        return _DISK.validate_python(text)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a disk name: a guest disk as libvirt names it, e.g. vda or sdb"
         ) from None
 
 
@@ -295,12 +311,21 @@ def add_parser(sub: Any) -> None:
     p = actions.add_parser(
         "attach",
         help="attach a snapshot's disk to the running VM, read-only",
-        description="Hot-plug the snapshot's disk into the running VM read-only (the guest "
-        "finds it by its serial; `guestbus-agent ssr` in the guest mounts it). It is "
-        "detached automatically after --ttl seconds (default and maximum: the adapter's, 24 h).",
+        description="Hot-plug one of the snapshot's disks (its first, or --disk) into the "
+        "running VM read-only (the guest finds it by its serial; `guestbus-agent ssr` in the "
+        "guest mounts it). It is detached automatically after --ttl seconds (default and "
+        "maximum: the adapter's, 24 h). Its label is the snapshot's name for the first disk, "
+        "<name>-<disk> for another.",
     )
     vm_arg(p)
     p.add_argument("name", metavar="NAME", type=_name, help="snapshot name")
+    p.add_argument(
+        "--disk",
+        type=_disk,
+        metavar="DISK",
+        help="which disk of the snapshot, by the guest disk it was of (e.g. vdb; `snapshot ls` "
+        "lists them); default: the first",
+    )
     p.add_argument("--ttl", type=_positive, metavar="S", help="detach after S seconds")
     p.add_argument("--json", action="store_true", help="the attachment as JSON")
     add_nats_option(p)
@@ -313,7 +338,10 @@ def add_parser(sub: Any) -> None:
     )
     vm_arg(p)
     p.add_argument(
-        "label", metavar="LABEL", type=_name, help="restore disk label (the snapshot name)"
+        "label",
+        metavar="LABEL",
+        type=_name,
+        help="restore disk label (the snapshot name, or <name>-<disk>; see `attached`)",
     )
     add_nats_option(p)
     p.set_defaults(func=lambda args: run_async(_detach(args)))
