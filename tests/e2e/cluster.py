@@ -12,9 +12,16 @@ it on a libvirt host:
   mapping written by hand. It can be stopped and started again (:meth:`ServiceProcess.stop`,
   :meth:`ServiceProcess.start`).
 
+Every process has its own NATS user with the least-privilege permissions of
+:mod:`guestbus.permissions`, as under ``guestbus up``, compose and the chart: each service
+its own, the provisioning as ``provisioner``, the ``guestbus`` CLI as ``operator``. A
+permission the real-guest paths need and the set lacks fails here (and every service log is
+checked for permission violations when the cluster stops).
+
 Everything the tests ask goes through the bus: the ``guestbus`` CLI (:meth:`Cluster.cli`,
-``python -m guestbus.cli.main`` with ``GUESTBUS_NATS_URL``) for what an operator types, and
-the registry KV and the ``GB_EVENTS`` stream read directly for waiting and for events.
+``python -m guestbus.cli.main``) for what an operator types, and the registry KV and the
+``GB_EVENTS`` stream read directly for waiting and for events, by the tests' own user
+(:data:`OBSERVER`, which may do anything: it checks, it does not stand for a service).
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ import nats
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
+from guestbus import permissions
 from guestbus.broker import EmbeddedBroker
 from guestbus.contract import KV_VMS, STREAM_EVENTS, LinkEvent, VmRecord
+from guestbus.credentials import EmbeddedAuth
 from guestbus.provision import provision
 from guestbus.registry import Registry
 from guestbus.runtime.procs import child_preexec
@@ -52,6 +61,28 @@ T = TypeVar("T")
 LIBVIRT_XML_DIRS = ("/run/libvirt/qemu", "/etc/libvirt/qemu")
 """libvirt's live XML of running domains, and the persistent definitions."""
 BRIDGE_HOST = "e2e-hypervisor"
+SERVICES = ("cert-authority", "rpc-router", "iso-builder", "serial-bridge")
+OBSERVER = "e2e-observer"
+VIOLATION = "permissions violation"
+"""What nats-server answers a forbidden publish or subscribe with (any case)."""
+
+
+@contextlib.contextmanager
+def observer_role() -> Any:
+    """The tests' own NATS role, known to :mod:`guestbus.permissions` only while a cluster
+    is made (the generated permission files must not see it)."""
+    permissions.register(
+        permissions.Role(
+            OBSERVER,
+            "the e2e tests: read events and the registry, call anything",
+            permissions.pub(">") + permissions.sub(">"),
+            service=False,
+        )
+    )
+    try:
+        yield
+    finally:
+        permissions.ROLES.pop(OBSERVER, None)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -178,7 +209,16 @@ class Cluster:
         self.workdir = workdir
         self.iso_dir = iso_dir
         self.wheel_cache = wheel_cache
-        self.broker = EmbeddedBroker(workdir / "broker", port=0, monitor_port=None)
+        with observer_role():
+            roles = [*SERVICES, permissions.PROVISIONER, permissions.OPERATOR, OBSERVER]
+            self.auth = EmbeddedAuth.generate(roles)
+            self.broker = EmbeddedBroker(
+                workdir / "broker",
+                port=0,
+                monitor_port=None,
+                config_text=self.auth.config_text(),
+                env=self.auth.server_env(),
+            )
         self.services: dict[str, ServiceProcess] = {}
 
     @property
@@ -192,6 +232,7 @@ class Cluster:
     def _service(self, name: str, module: str, **env: str) -> ServiceProcess:
         common = {
             "GUESTBUS_NATS_URL": self.url,
+            **self.auth.client_env(name),
             "GUESTBUS_STATE_DIR": str(self.workdir / name),
             "GUESTBUS_LOG_LEVEL": "INFO",
             "GUESTBUS_SHUTDOWN_TIMEOUT": "10",
@@ -202,7 +243,7 @@ class Cluster:
 
     def start(self) -> None:
         self.broker.start_sync()
-        self.run(lambda nc: provision(nc.jetstream(), 1))
+        self.run(lambda nc: provision(nc.jetstream(), 1), role=permissions.PROVISIONER)
         self._service(
             "cert-authority",
             "guestbus_cert_authority.main",
@@ -239,16 +280,34 @@ class Cluster:
         with contextlib.suppress(Exception):
             self.broker.stop_sync()
 
+    def violations(self) -> list[str]:
+        """Permission violations any service met (lines of their logs, every start's)."""
+        found: list[str] = []
+        for service in self.services.values():
+            for log in sorted(service.logdir.glob(f"{service.name}-*.log")):
+                text = log.read_text(errors="replace")
+                found += [
+                    f"{log.name}: {line}" for line in text.splitlines() if VIOLATION in line.lower()
+                ]
+        return found
+
     def logs_detail(self, lines: int = 30) -> str:
         return "\n".join(s.log_tail(lines) for s in self.services.values())
 
     # --- the bus ---------------------------------------------------------------------------
 
-    def run(self, work: Callable[[Client], Awaitable[T]]) -> T:
-        """``work(nc)`` on a fresh connection (the tests are synchronous)."""
+    def run(self, work: Callable[[Client], Awaitable[T]], role: str = OBSERVER) -> T:
+        """``work(nc)`` on a fresh connection as ``role`` (the tests are synchronous)."""
 
         async def go() -> T:
-            nc = await nats.connect(self.url, name="e2e-tests", connect_timeout=5)
+            nc = await nats.connect(
+                self.url,
+                name=f"e2e-tests-{role}",
+                connect_timeout=5,
+                user=role,
+                password=self.auth.passwords[role],
+                inbox_prefix=permissions.inbox_prefix(role),
+            )
             try:
                 return await work(nc)
             finally:
@@ -298,6 +357,7 @@ class Cluster:
         """``guestbus ARGS`` against this cluster; its stdout. A failure shows its output."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTBUS_")}
         env["GUESTBUS_NATS_URL"] = self.url
+        env.update(self.auth.client_env(permissions.OPERATOR))
         proc = subprocess.run(
             [sys.executable, "-m", "guestbus.cli.main", *args],
             env=env,

@@ -214,6 +214,8 @@ def fleet(
             if found:
                 figures[f"guest {key}: install.sh from the ISO (s)"] = int(found.group(1))
         yield fleet
+        # every service ran as its own least-privilege NATS user: that was enough
+        assert cluster.violations() == [], "\n".join(cluster.violations())
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT + 600)

@@ -146,6 +146,8 @@ def site(
         s.wait_linked(INSTALL_TIMEOUT)
         b.wait_for_console(harness.LOGIN_PROMPT, timeout=300)
         yield s
+        # every service ran as its own least-privilege NATS user: that was enough
+        assert cluster.violations() == [], "\n".join(cluster.violations())
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT + 300)
