@@ -31,12 +31,9 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +49,8 @@ from guestbus.contract import KV_VMS, STREAM_EVENTS, LinkEvent, VmRecord
 from guestbus.credentials import EmbeddedAuth
 from guestbus.provision import provision
 from guestbus.registry import Registry
-from guestbus.runtime.procs import child_preexec
 
-from ..support.probes import free_port
+from ..support.process import ServiceProcess
 
 T = TypeVar("T")
 
@@ -83,108 +79,6 @@ def observer_role() -> Any:
         yield
     finally:
         permissions.ROLES.pop(OBSERVER, None)
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "    (no log)"
-    return "\n".join("    | " + line for line in text[-lines:])
-
-
-class ServiceProcess:
-    """One service process; its output goes to ``<logdir>/<name>-<n>.log`` (n = start)."""
-
-    def __init__(self, name: str, module: str, env: dict[str, str], logdir: Path) -> None:
-        self.name = name
-        self.module = module
-        self.env = env
-        self.logdir = logdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.http_port = 0
-        self.starts = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.logdir / f"{self.name}-{self.starts}.log"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> None:
-        assert not self.alive, f"{self.name} is already running"
-        self.starts += 1
-        self.http_port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GUESTBUS_")}
-        env.update(self.env)
-        env.update(
-            GUESTBUS_HTTP_HOST="127.0.0.1",
-            GUESTBUS_HTTP_PORT=str(self.http_port),
-            PYTHONUNBUFFERED="1",
-        )
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "guestbus.runtime.launch", f"{self.module}:main"],
-                env=env,
-                cwd=self.logdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=child_preexec(),  # it dies with the test run, whatever happens
-            )
-
-    def ready(self) -> bool:
-        url = f"http://127.0.0.1:{self.http_port}/readyz"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return int(response.status) == 200
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-
-    def wait_ready(self, timeout: float = 60.0) -> float:
-        started = time.monotonic()
-        while not self.ready():
-            if not self.alive:
-                raise AssertionError(f"{self.name} exited:\n{self.log_tail()}")
-            if time.monotonic() - started > timeout:
-                raise AssertionError(
-                    f"{self.name} not ready within {timeout:.0f}s:\n{self.log_tail()}"
-                )
-            time.sleep(0.1)
-        return time.monotonic() - started
-
-    def kill(self) -> int | None:
-        """SIGKILL: the process gets no chance to clean up (a crash, an OOM kill)."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        return proc.returncode
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (a graceful drain), then SIGKILL after ``timeout``; the exit status."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        return proc.returncode
-
-    def log_tail(self, lines: int = 30) -> str:
-        return f"{self.name} log ({self.log_path}), last {lines} lines:\n" + _tail(
-            self.log_path, lines
-        )
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ from guestbus_rpc_router.service import RouterSettings, RpcRouter
 from guestbus_serial_bridge.service import SerialBridge
 from guestbus_serial_bridge.settings import BridgeSettings
 
-from ..support.bridge import BridgeProcess
 from ..support.probes import Samples, free_port, scrape
+from ..support.process import AsyncServiceProcess
 from ..support.waiting import wait_until
 
 BRIDGE_HOST = "lab-host-1"
@@ -269,7 +269,7 @@ class LinkStack:
         self.events = EventLog()
         self.nc: Client | None = None
         self.router_host: ServiceHost | None = None
-        self.bridge_process: BridgeProcess | None = None
+        self.bridge_process: AsyncServiceProcess | None = None
         self.bridge_inproc: BridgeInProcess | None = None
         self.fleet = LabFleet(self.sockets, mode="pty", heartbeat=self.heartbeat)
         self._registry: Registry | None = None
@@ -294,7 +294,12 @@ class LinkStack:
         )
         await self.router_host.start()
         if self.bridge_mode == "process":
-            self.bridge_process = BridgeProcess(self.config.env(self.broker.url), self.workdir)
+            self.bridge_process = AsyncServiceProcess(
+                "serial-bridge",
+                "guestbus_serial_bridge.main",
+                self.config.env(self.broker.url),
+                self.workdir,
+            )
             self.bridge_process.start()
             await self.bridge_process.wait_ready()
         else:
@@ -341,7 +346,7 @@ class LinkStack:
         return service
 
     @property
-    def bridge(self) -> BridgeProcess | BridgeInProcess:
+    def bridge(self) -> AsyncServiceProcess | BridgeInProcess:
         bridge = self.bridge_process or self.bridge_inproc
         assert bridge is not None
         return bridge

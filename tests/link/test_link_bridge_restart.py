@@ -12,8 +12,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from guestbus.contract import KV_VMS, LinkKind, LinkState
 
-from ..support.bridge import BridgeProcess
 from ..support.probes import sample
+from ..support.process import AsyncServiceProcess
 from ..support.waiting import wait_until
 from ._support import BRIDGE_HOST, CommandCounter, LinkStack, Reply, StackFactory, command
 
@@ -61,7 +61,7 @@ async def test_bridge_kill9_restart_links_return_and_retried_command_runs_once(
     await stack.wait_active(vms, timeout=30)
     await stack.wait_registered(vms)
     bridge = stack.bridge
-    assert isinstance(bridge, BridgeProcess)
+    assert isinstance(bridge, AsyncServiceProcess)
     first_pid = bridge.proc.pid if bridge.proc else None
 
     done_vm, inflight_vm = vms[0], vms[1]
@@ -83,7 +83,7 @@ async def test_bridge_kill9_restart_links_return_and_retried_command_runs_once(
     hellos_before = {vm: stack.agent_link(vm).status.hellos for vm in vms}
     killed_at = datetime.now(UTC)
     mark = stack.events.mark()
-    bridge.kill9()
+    bridge.kill()
     dropped_before = stack.fleet.hypervisor.vms[inflight_vm].stats.dropped_guest_bytes
     inflight_runs.gate.set()  # the guest answers into a serial port nobody is reading
     await stack.fleet.hypervisor.vms[inflight_vm].wait_until(

@@ -53,8 +53,8 @@ from guestbus_cert_authority.settings import CaSettings
 from guestbus_rpc_router.gateway import Gateway
 from guestbus_rpc_router.service import RouterSettings, RpcRouter
 
-from ..support.bridge import BridgeProcess
 from ..support.probes import free_port
+from ..support.process import AsyncServiceProcess
 from ..support.waiting import wait_until
 
 TRUST_DOMAIN = "tls-tests.example"
@@ -266,7 +266,7 @@ class TlsStack:
         self.nc: Client | None = None
         self.ca_host: ServiceHost | None = None
         self.router_host: ServiceHost | None = None
-        self.bridge: BridgeProcess | None = None
+        self.bridge: AsyncServiceProcess | None = None
         self.fleet: LabFleet | None = None
         self._registry: Registry | None = None
         self.ca_pem = ""
@@ -326,7 +326,12 @@ class TlsStack:
         await self.router_host.start()
         await asyncio.wait_for(self.gateway.ready.wait(), 20)
         if self.with_bridge:
-            self.bridge = BridgeProcess(bridge_env(self.sockets, self.broker.url), self.workdir)
+            self.bridge = AsyncServiceProcess(
+                "serial-bridge",
+                "guestbus_serial_bridge.main",
+                bridge_env(self.sockets, self.broker.url),
+                self.workdir,
+            )
             self.bridge.start()
             await self.bridge.wait_ready()
         self.fleet = LabFleet(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
@@ -42,8 +43,6 @@ from guestbus.contract import (
 )
 
 M = TypeVar("M", bound=BaseModel)
-_NAME: TypeAdapter[str] = TypeAdapter(Name)
-_DISK: TypeAdapter[str] = TypeAdapter(DiskTarget)
 
 
 async def hv_call(
@@ -220,23 +219,25 @@ async def _attached(args: argparse.Namespace) -> int:
     return await with_bus(args, work)
 
 
-def _name(text: str) -> str:
-    try:
-        return _NAME.validate_python(text)
-    except ValidationError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a valid name: 1-64 of A-Z a-z 0-9 _ - (it becomes a libvirt "
-            "snapshot name and a bus key)"
-        ) from None
+def _checked(adapter: TypeAdapter[str], problem: str) -> Callable[[str], str]:
+    """An argparse ``type=`` that checks text with the contract's own type."""
+
+    def check(text: str) -> str:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {problem}") from None
+
+    return check
 
 
-def _disk(text: str) -> str:
-    try:
-        return _DISK.validate_python(text)
-    except ValidationError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a disk name: a guest disk as libvirt names it, e.g. vda or sdb"
-        ) from None
+_name = _checked(
+    TypeAdapter(Name),
+    "a valid name: 1-64 of A-Z a-z 0-9 _ - (it becomes a libvirt snapshot name and a bus key)",
+)
+_disk = _checked(
+    TypeAdapter(DiskTarget), "a disk name: a guest disk as libvirt names it, e.g. vda or sdb"
+)
 
 
 def _positive(text: str) -> float:
