@@ -1,0 +1,1 @@
+"""The benchmarks of bench/, run in their smoke modes."""
