@@ -170,6 +170,12 @@ async def test_every_disk_of_a_snapshot_can_be_attached(
     }
     assert await attach(stack, vm, "two", disk="vdb") == data  # idempotent per disk
     assert await stack.restore_record(vm.uuid, "two-vdb") == data
+    # a snapshot whose own name is that label cannot take it over
+    (await stack.call(vm.uuid, HV_SNAPSHOT_CREATE, {"name": "two-vdb"})).ok(SnapshotRecord)
+    reply = await stack.call(vm.uuid, HV_RESTORE_ATTACH, {"snapshot": "two-vdb"})
+    assert reply.code == "conflict" and "taken by the restore disk of snapshot two" in str(
+        reply.error
+    )
 
     reply = await stack.call(vm.uuid, HV_RESTORE_ATTACH, {"snapshot": "two", "disk": "vdz"})
     assert reply.code == "bad_request" and "its disks: vda, vdb" in str(reply.error)
@@ -179,7 +185,8 @@ async def test_every_disk_of_a_snapshot_can_be_attached(
     for label in ("two-vdb", "two"):
         assert (await stack.call(vm.uuid, HV_RESTORE_DETACH, {"label": label})).error is None
     assert restore_disks(vm) == {}
-    assert (await stack.call(vm.uuid, HV_SNAPSHOT_DELETE, {"name": "two"})).error is None
+    for name in ("two-vdb", "two"):
+        assert (await stack.call(vm.uuid, HV_SNAPSHOT_DELETE, {"name": name})).error is None
 
 
 async def test_restore_disks_outlive_a_bridge_restart_and_not_the_vm(

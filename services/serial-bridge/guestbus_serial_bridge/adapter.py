@@ -727,6 +727,16 @@ class HostAdapter:
             disk, label = _restore_disk(info, req.disk)
             key = _key(vm, label)
             existing = self.restores.get(key)
+            if existing is not None and (existing.snapshot, existing.disk) not in (
+                (req.snapshot, disk.target),
+                (req.snapshot, None),  # recorded before restore disks named their disk
+            ):
+                raise BusError(
+                    ERROR_CONFLICT,
+                    f"the label {label} is taken by the restore disk of snapshot "
+                    f"{existing.snapshot}'s disk {existing.disk}: detach that one first",
+                    409,
+                )
             if existing is not None:
                 if await self._hv(self.hv.restore_disk, vm, existing.serial) is not None:
                     return existing
