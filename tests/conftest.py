@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from .support.process import terminate
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -85,16 +86,6 @@ def _start_nats_server(workdir: Path, timeout: float = 15.0) -> NatsServer:
     pytest.fail(f"nats-server did not start within {timeout}s")
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """A real nats-server with JetStream for the whole session; ``.url`` to connect."""
@@ -102,7 +93,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     try:
         yield server
     finally:
-        _stop(server.proc)
+        terminate(server.proc)
 
 
 @pytest.fixture

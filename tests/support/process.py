@@ -28,6 +28,18 @@ from .probes import Samples, free_port, http_status, scrape
 from .waiting import wait_until
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` s; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 class _Process:
     def __init__(self, name: str, module: str, env: Mapping[str, str], logdir: Path) -> None:
         """``env``: the service's ``GUESTBUS_*`` settings but its probe server's, which each
@@ -123,17 +135,7 @@ class ServiceProcess(_Process):
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (an orderly stop: the service drains), then SIGKILL after ``timeout``;
         the exit status."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        return proc.returncode
+        return None if self.proc is None else terminate(self.proc, timeout)
 
 
 class AsyncServiceProcess(_Process):
