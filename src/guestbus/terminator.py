@@ -59,7 +59,7 @@ from guestbus.contract import (
 from guestbus.ratelimit import TokenBucket
 from guestbus.runtime import BusError
 from guestbus.runtime.metrics import Children
-from guestbus.runtime.nats import flush_interest
+from guestbus.runtime.nats import drain_subscription, flush_interest
 from guestbus.wire import MAX_FRAME, Session, SessionState, errors, valid_id
 from guestbus.wire.aio import Channel, LinkClosed, RemoteError
 
@@ -284,7 +284,7 @@ class Terminator:
         leave its caller waiting out its whole timeout. A task of its own, never cancelled
         half-way: nats-py's PING/PONG bookkeeping does not survive a cancelled flush."""
         try:
-            await sub.drain()  # type: ignore[no-untyped-call]
+            await drain_subscription(sub)
         except Exception:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -8,6 +8,7 @@ with user/password or a credentials file, and keeps the ``guestbus_nats_connecte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import weakref
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.errors import BadSubscriptionError
 from prometheus_client import CollectorRegistry, Gauge
 
 from guestbus import permissions
@@ -161,3 +164,23 @@ async def flush_interest(nc: Client) -> None:
     """
     await nc._flush_pending(force_flush=True)
     await nc.flush()
+
+
+async def drain_subscription(sub: Subscription) -> None:
+    """Stop intake on ``sub`` and wait until its callback handled every message the server
+    routed to it.
+
+    ``sub.drain()`` alone loses messages: it queues the UNSUB but its round trip's PING goes
+    to the socket ahead of it (see :func:`flush_interest`), so the PONG can come back while
+    the server still routes to the subscription; what arrives after the PONG finds the
+    subscription gone and is dropped, and a request's caller waits out its whole timeout.
+    The UNSUB and a round trip behind it go first here; ``drain()`` then finds nothing more
+    on the way. A subscription already closed is left alone.
+    """
+    if sub._closed:
+        return
+    nc: Client = sub._conn
+    await nc._send_unsubscribe(sub._id)
+    await flush_interest(nc)
+    with contextlib.suppress(BadSubscriptionError):
+        await sub.drain()  # type: ignore[no-untyped-call]

@@ -28,7 +28,6 @@ import nats.micro
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import BadSubscriptionError
 from nats.js import JetStreamContext
 from nats.micro.request import Request
 from nats.micro.service import NAME_REGEX, SEMVER_REGEX, Endpoint, Service
@@ -48,7 +47,7 @@ from guestbus.runtime.errors import INTERNAL, BusError
 from guestbus.runtime.http import ProbeServer
 from guestbus.runtime.logs import setup_logging
 from guestbus.runtime.metrics import Children
-from guestbus.runtime.nats import connect, flush_interest
+from guestbus.runtime.nats import connect, drain_subscription, flush_interest
 from guestbus.runtime.settings import ServiceSettings, load_settings
 
 T = TypeVar("T")
@@ -101,12 +100,6 @@ def _micro_record_error(endpoint: Endpoint | None, err: BusError) -> None:
 
 
 # --------------------------------------------------------------------------------------
-
-
-async def drain_subscription(sub: Subscription) -> None:
-    """Stop intake on ``sub`` and wait until its callback has handled every queued message."""
-    with contextlib.suppress(BadSubscriptionError):
-        await sub.drain()  # type: ignore[no-untyped-call]
 
 
 class _TaskTracker:
