@@ -298,6 +298,12 @@ async def run_interleaved(
 # --------------------------------------------------------------------------------------
 
 
+PAYLOAD = json.dumps(
+    {"seq": 1, "vm": str(uuidlib.uuid4()), "uptime": 12345.6, "config_uuid": "x" * 36}
+).encode()
+"""What the peers send: the size of a heartbeat's parameters."""
+
+
 class EchoPeer:
     """Bare nats-py request/reply: a trivial responder and a requester, each on its own
     connection, in this process."""
@@ -308,10 +314,7 @@ class EchoPeer:
         self.url = url
         self.server: Client | None = None
         self.client: Client | None = None
-        # the size of a heartbeat's parameters
-        self.data = json.dumps(
-            {"seq": 1, "vm": str(uuidlib.uuid4()), "uptime": 12345.6, "config_uuid": "x" * 36}
-        ).encode()
+        self.data = PAYLOAD
 
     async def start(self) -> None:
         self.server = await nats.connect(self.url, name="bench-responder")
@@ -415,7 +418,7 @@ class FloorPeer:
         self.subject = subject
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.line = EchoPeer(url).data + b"\n"
+        self.line = PAYLOAD + b"\n"
 
     async def start(self) -> None:
         vm = await self.hypervisor.add_vm()
@@ -587,13 +590,19 @@ async def start_services(
     tag: str,
     bridge_extra: dict[str, str],
     router_extra: dict[str, str] | None = None,
+    command: Callable[[str], list[str]] | None = None,
 ) -> Services:
+    """rpc-router and serial-bridge as processes, ready; ``command(service)`` is how each is
+    started (default ``python -m guestbus_<service>.main``)."""
+    argv = command or (
+        lambda service: [sys.executable, "-m", f"guestbus_{service.replace('-', '_')}.main"]
+    )
     router_port, bridge_port = free_port(), free_port()
     # the serial link only: no TLS gateway (it would wait for a cert-authority, and bind 2074)
     router_env = {"GUESTBUS_TLS_PORT": "0", **(router_extra or {})}
     router = children.start(
         f"rpc-router-{tag}",
-        [sys.executable, "-m", "guestbus_rpc_router.main"],
+        argv("rpc-router"),
         service_env(url, router_port, tmp / f"router-{tag}", **router_env),
     )
     bridge_env = service_env(
@@ -604,9 +613,7 @@ async def start_services(
         GUESTBUS_LIBVIRT_XML_DIRS="",
         **bridge_extra,
     )
-    bridge = children.start(
-        f"serial-bridge-{tag}", [sys.executable, "-m", "guestbus_serial_bridge.main"], bridge_env
-    )
+    bridge = children.start(f"serial-bridge-{tag}", argv("serial-bridge"), bridge_env)
     try:
         await wait_ready(router_port, router, what="rpc-router")
         await wait_ready(bridge_port, bridge, what="serial-bridge")

@@ -20,7 +20,6 @@ Usage: ``.venv/bin/python bench/link_hops.py [--count N] [--warmup N] [--keep]``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import bisect
 import json
 import os
@@ -41,17 +40,15 @@ import nats
 from bench._common import (
     Children,
     emit_json,
-    free_port,
     interrupted,
     render_table,
     result_header,
-    service_env,
     sigterm_as_interrupt,
     stepper,
-    wait_ready,
     workdir,
 )
 from bench._hop_probes import install
+from bench.link import start_services, wait_until
 from guestbus.lab.fleet import LabFleet
 from guestbus.provision import provision
 from guestbus.runtime.service import run_loop
@@ -114,30 +111,23 @@ async def run_calls(children: Children, url: str, tmp: Path, opts: Options) -> d
     sockdir.mkdir(parents=True, exist_ok=True)
     outs = {role: tmp / f"points-{role}.json" for role in ("bridge", "router")}
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    router_port, bridge_port = free_port(), free_port()
-    router = children.start(
-        "rpc-router",
-        probed_service("router", outs["router"]),
-        service_env(url, router_port, tmp / "router", GUESTBUS_TLS_PORT="0", **env),
-    )
-    bridge = children.start(
-        "serial-bridge",
-        probed_service("bridge", outs["bridge"]),
-        service_env(
-            url,
-            bridge_port,
-            tmp / "bridge",
-            GUESTBUS_SOCKET_PATTERN=str(sockdir / "{uuid}.serial.1"),
-            GUESTBUS_LIBVIRT_XML_DIRS="",
-            GUESTBUS_LIBVIRT_URI="",
-            GUESTBUS_SCAN_INTERVAL="0.2",
-            GUESTBUS_RATE_LIMIT="1000000000",
-            GUESTBUS_RATE_BURST="1000000000",
+    role_of = {"rpc-router": "router", "serial-bridge": "bridge"}
+    svc = await start_services(
+        children,
+        url,
+        tmp,
+        sockdir,
+        "hops",
+        {
+            "GUESTBUS_LIBVIRT_URI": "",
+            "GUESTBUS_SCAN_INTERVAL": "0.2",
+            "GUESTBUS_RATE_LIMIT": "1000000000",
+            "GUESTBUS_RATE_BURST": "1000000000",
             **env,
-        ),
+        },
+        env,
+        command=lambda service: probed_service(role_of[service], outs[role_of[service]]),
     )
-    await wait_ready(router_port, router, what="rpc-router")
-    await wait_ready(bridge_port, bridge, what="serial-bridge")
 
     probes = install("guest")
     fleet = LabFleet(
@@ -150,11 +140,7 @@ async def run_calls(children: Children, url: str, tmp: Path, opts: Options) -> d
     )
     try:
         vm = await fleet.add_vm(agent=False)
-        deadline = time.monotonic() + 30
-        while not vm.has_client:
-            if time.monotonic() > deadline:
-                raise RuntimeError("serial-bridge did not connect to the lab VM")
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: vm.has_client, 30, "serial-bridge to connect to the lab VM")
         await fleet.start_agent(vm)
         await fleet.wait_active(timeout=30)
         link = fleet.agents[vm.uuid].link
@@ -171,7 +157,7 @@ async def run_calls(children: Children, url: str, tmp: Path, opts: Options) -> d
                 probes.mark("x_end")
     finally:
         await fleet.close()
-        await children.stop_async(bridge, router)
+        await children.stop_async(svc.bridge, svc.router)
     points = dict(probes.marks)
     for role, out in outs.items():
         try:
@@ -238,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 step("done")
         except KeyboardInterrupt:
             return interrupted()
-        except RuntimeError as exc:
+        except (RuntimeError, TimeoutError) as exc:
             print(f"link_hops: {exc}", file=sys.stderr)
             return 1
     segs, missed, totals = segments(points)
